@@ -1,0 +1,1 @@
+"""Converters from the training framework to the portable ONNX model flowerx serves."""

@@ -1,0 +1,9 @@
+"""The one exception type flowerx raises for bad input."""
+
+
+class FlowerxError(ValueError):
+    """A problem with the user's input (file, model, argument), with a message fit for one line."""
+
+
+class ImageError(FlowerxError):
+    """An image could not be read or decoded."""

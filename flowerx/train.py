@@ -1,0 +1,295 @@
+"""`flowerx train`: cache bottlenecks, train a softmax layer on them, export base + head as one ONNX file.
+
+TensorFlow is imported only inside the functions that need it, so that `TrainConfig` (used by the CLI to
+build its parser) costs nothing to import.
+"""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from . import __version__
+from .architectures import Architecture, default_model_dir, get_architecture, resolve_weights
+from .bottlenecks import BottleneckCache, BottleneckStats, get_bottlenecks
+from .data import RESIZE_RULE, discover, prepare_image, split_of
+from .errors import FlowerxError
+from .fileio import atomic_write
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run; the CLI flags map one to one (retrain.py's names, kebab case)."""
+
+    image_dir: str = ""
+    architecture: str = "mobilenet_1.0_224"
+    model_dir: str = str(default_model_dir())
+    bottleneck_dir: str = ".flowerx/bottlenecks"
+    summaries_dir: str = ".flowerx/summaries"
+    experiment_name: str = ""  # TensorBoard run name; default: the architecture
+    output_graph: str = "model.onnx"
+    output_labels: str = ""  # default: labels.txt beside the output graph
+    how_many_training_steps: int = 4000
+    learning_rate: float = 0.01
+    testing_percentage: float = 10.0
+    validation_percentage: float = 10.0
+    eval_step_interval: int = 100
+    train_batch_size: int = 100
+    validation_batch_size: int = -1  # -1: the whole validation set at each evaluation
+    test_batch_size: int = -1  # -1: the whole test set
+    print_misclassified_test_images: bool = False
+    bottleneck_batch_size: int = 32
+    seed: int = 0
+
+    def check(self) -> None:
+        """Reject impossible settings with one clear message."""
+        if not self.image_dir:
+            raise FlowerxError("--image-dir is required")
+        for name in ("how_many_training_steps", "eval_step_interval", "train_batch_size", "bottleneck_batch_size"):
+            if getattr(self, name) <= 0:
+                raise FlowerxError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise FlowerxError(f"--learning-rate must be positive, got {self.learning_rate}")
+        for name in ("testing_percentage", "validation_percentage"):
+            if not 0 <= getattr(self, name) < 100:
+                raise FlowerxError(f"--{name.replace('_', '-')} must be in [0, 100), got {getattr(self, name)}")
+        if self.testing_percentage + self.validation_percentage >= 100:
+            raise FlowerxError(
+                "--testing-percentage + --validation-percentage must leave images to train on "
+                f"(they add up to {self.testing_percentage + self.validation_percentage})"
+            )
+        for name in ("validation_batch_size", "test_batch_size"):
+            if getattr(self, name) == 0 or getattr(self, name) < -1:
+                raise FlowerxError(f"--{name.replace('_', '-')} must be positive or -1 (all)")
+
+    @property
+    def labels_path(self) -> Path:
+        return Path(self.output_labels) if self.output_labels else Path(self.output_graph).parent / "labels.txt"
+
+
+@dataclass
+class TrainResult:
+    architecture: str
+    labels: list[str]
+    image_count: int
+    split_counts: dict[str, int]
+    test_accuracy: float
+    test_count: int
+    validation_accuracy: float
+    output_graph: str
+    output_labels: str
+    bottlenecks: BottleneckStats
+    parity_max_diff: float
+    timings: dict[str, float] = field(default_factory=dict)
+    misclassified: list[tuple[str, str, str]] = field(default_factory=list)  # (relpath, predicted, true)
+
+
+class _FeatureExtractor:
+    """Builds the Keras feature model on first use, so a warm cache never pays for it until export."""
+
+    def __init__(self, arch: Architecture, weights: Path):
+        self.arch, self.weights, self.model, self._fn = arch, weights, None, None
+
+    def get_model(self):
+        if self.model is None:
+            from .backbone import build_base, build_feature_model
+
+            self.model = build_feature_model(self.arch, build_base(self.arch, self.weights))
+        return self.model
+
+    def batch_fn(self):
+        from .backbone import tf
+
+        model, size = self.get_model(), self.arch.input_size
+        fn = tf.function(
+            lambda x: model(x, training=False),
+            input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)],
+        )
+        return lambda batch: fn(batch).numpy()
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console, transient=False,
+    )
+
+
+def _sample(indices: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    return indices if size < 0 or size >= len(indices) else rng.choice(indices, size, replace=False)
+
+
+def train_head(
+    x: np.ndarray, y: np.ndarray, splits: dict[str, np.ndarray], num_classes: int, cfg: TrainConfig,
+    console: Console, summary_dir: Path | None,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Plain mini-batch SGD on a softmax layer (retrain.py's recipe; measured as good as Adam, L2,
+    label smoothing or dropout on these features). Returns (kernel, bias, last validation accuracy)."""
+    from .backbone import tf
+
+    tf.random.set_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    dim = x.shape[1]
+    kernel = tf.Variable(tf.random.truncated_normal([dim, num_classes], stddev=0.001, seed=cfg.seed))
+    bias = tf.Variable(tf.zeros([num_classes]))
+    optimizer = tf.keras.optimizers.SGD(cfg.learning_rate)
+    train_x, train_y = tf.constant(x[splits["train"]]), tf.constant(y[splits["train"]], tf.int64)
+
+    @tf.function
+    def step(idx):
+        xb, yb = tf.gather(train_x, idx), tf.gather(train_y, idx)
+        with tf.GradientTape() as tape:
+            logits = tf.matmul(xb, kernel) + bias
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(yb, logits))
+        optimizer.apply_gradients(zip(tape.gradient(loss, [kernel, bias]), [kernel, bias]))
+        accuracy = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, 1), yb), tf.float32))
+        return loss, accuracy
+
+    def evaluate(idx: np.ndarray) -> float:
+        logits = x[idx] @ kernel.numpy() + bias.numpy()
+        return float((logits.argmax(1) == y[idx]).mean()) if len(idx) else float("nan")
+
+    writers = {}
+    if summary_dir is not None:
+        writers = {k: tf.summary.create_file_writer(str(summary_dir / k)) for k in ("train", "validation")}
+    n_train, val_acc = len(splits["train"]), float("nan")
+    for i in range(cfg.how_many_training_steps):
+        loss, acc = step(tf.constant(rng.integers(0, n_train, min(cfg.train_batch_size, n_train))))
+        last = i + 1 == cfg.how_many_training_steps
+        if writers:
+            with writers["train"].as_default(step=i):
+                tf.summary.scalar("cross_entropy", loss)
+                tf.summary.scalar("accuracy", acc)
+        if (i + 1) % cfg.eval_step_interval == 0 or last:
+            val_idx = _sample(splits["validation"], cfg.validation_batch_size, rng)
+            val_acc = evaluate(val_idx)
+            if writers:
+                with writers["validation"].as_default(step=i):
+                    tf.summary.scalar("accuracy", val_acc)
+            console.print(
+                f"Step {i + 1:>5}/{cfg.how_many_training_steps}: train accuracy {float(acc) * 100:5.1f}%  "
+                f"cross entropy {float(loss):.4f}  validation accuracy {val_acc * 100:5.1f}% "
+                f"(N={len(val_idx)})",
+                highlight=False,
+            )
+    for w in writers.values():
+        w.flush()
+    return kernel.numpy(), bias.numpy(), val_acc
+
+
+def run(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
+    """The whole job: data -> bottlenecks -> head -> test accuracy -> ONNX export."""
+    console = console or Console(stderr=True)
+    cfg.check()
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    arch = get_architecture(cfg.architecture)
+    dataset = discover(cfg.image_dir)
+    for name in dataset.skipped_folders:
+        console.print(f"[yellow]warning:[/] skipping folder {name}/: no images in it", highlight=False)
+    weights = resolve_weights(arch, cfg.model_dir)  # fail fast, before any long work
+    console.print(
+        f"{arch.name}: {len(dataset.items)} images in {len(dataset.labels)} classes "
+        f"({', '.join(dataset.labels)})", highlight=False,
+    )
+
+    # Bottlenecks: cached where possible, computed in batches otherwise.
+    extractor = _FeatureExtractor(arch, weights)
+    cache = BottleneckCache(cfg.bottleneck_dir, arch)
+    t = time.perf_counter()
+    with _progress(console) as progress:
+        task = progress.add_task("Bottlenecks", total=len(dataset.items), rate="")
+
+        def advance(n: int) -> None:
+            done = progress.tasks[0].completed + n
+            elapsed = time.perf_counter() - t
+            progress.update(task, advance=n, rate=f"{done / elapsed:.0f} img/s" if elapsed > 0 else "")
+
+        features, ok, stats = get_bottlenecks(
+            dataset.items, cache, extractor.batch_fn, cfg.bottleneck_batch_size,
+            on_progress=advance, on_warning=lambda m: progress.console.print(f"[yellow]warning:[/] {m}", highlight=False),
+        )
+    timings["bottlenecks_s"] = time.perf_counter() - t
+    console.print(
+        f"Bottlenecks: {stats.cached} cached, {stats.computed} computed"
+        + (f", {stats.corrupt} damaged entries recomputed" if stats.corrupt else "")
+        + (f", {len(stats.failed)} images skipped" if stats.failed else "")
+        + f" ({timings['bottlenecks_s']:.1f} s)", highlight=False,
+    )
+
+    labels = np.array([item.label for item in dataset.items])
+    split_names = np.array([split_of(i.relpath, cfg.validation_percentage, cfg.testing_percentage) for i in dataset.items])
+    splits = {s: np.flatnonzero((split_names == s) & ok) for s in ("train", "validation", "test")}
+    if len(splits["train"]) == 0:
+        raise FlowerxError("no readable training images left after the split")
+    missing = [dataset.labels[c] for c in range(len(dataset.labels)) if not (labels[splits["train"]] == c).any()]
+    if missing:
+        console.print(f"[yellow]warning:[/] no training images for: {', '.join(missing)}", highlight=False)
+
+    # The softmax layer, with TensorBoard summaries.
+    summary_dir = None
+    if cfg.summaries_dir:
+        summary_dir = Path(cfg.summaries_dir).expanduser() / (cfg.experiment_name or arch.name)
+        shutil.rmtree(summary_dir, ignore_errors=True)  # one run per experiment name
+    t = time.perf_counter()
+    kernel, bias, val_acc = train_head(features, labels, splits, len(dataset.labels), cfg, console, summary_dir)
+    timings["head_s"] = time.perf_counter() - t
+
+    rng = np.random.default_rng(cfg.seed + 1)
+    test_idx = _sample(splits["test"], cfg.test_batch_size, rng)
+    predicted = (features[test_idx] @ kernel + bias).argmax(1)
+    test_acc = float((predicted == labels[test_idx]).mean()) if len(test_idx) else float("nan")
+    misclassified = [
+        (dataset.items[i].relpath, dataset.labels[p], dataset.labels[labels[i]])
+        for i, p in zip(test_idx, predicted) if p != labels[i]
+    ]
+
+    # Export base + head as one ONNX file, checked against Keras on real validation images.
+    t = time.perf_counter()
+    from exporters.onnx_export import export
+    from .backbone import build_classifier
+
+    model = build_classifier(extractor.get_model(), kernel, bias)
+    check_idx = (list(splits["validation"]) + list(splits["train"]))[:8]
+    check_images = np.stack([prepare_image(dataset.items[i].path, arch.input_size) for i in check_idx])
+    metadata = {
+        "labels": dataset.labels,
+        "input_size": str(arch.input_size),
+        "architecture": arch.name,
+        "resize": RESIZE_RULE,
+        "input_mean": str(arch.mean),
+        "input_std": str(arch.std),
+        "flowerx_version": __version__,
+        "training": {
+            "test_accuracy": round(test_acc, 6) if len(test_idx) else None,
+            "test_count": int(len(test_idx)),
+            "validation_accuracy": round(val_acc, 6) if val_acc == val_acc else None,
+            "image_count": int(ok.sum()),
+            "split_counts": {k: int(len(v)) for k, v in splits.items()},
+            "testing_percentage": cfg.testing_percentage,
+            "validation_percentage": cfg.validation_percentage,
+            "steps": cfg.how_many_training_steps,
+            "learning_rate": cfg.learning_rate,
+            "trained_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
+    }
+    data, diff = export(model, arch.input_size, metadata, check_images)
+    atomic_write(cfg.output_graph, data)
+    atomic_write(cfg.labels_path, ("\n".join(dataset.labels) + "\n").encode())
+    timings["export_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - start
+
+    return TrainResult(
+        architecture=arch.name, labels=dataset.labels, image_count=int(ok.sum()),
+        split_counts={k: int(len(v)) for k, v in splits.items()}, test_accuracy=test_acc,
+        test_count=int(len(test_idx)), validation_accuracy=val_acc, output_graph=str(cfg.output_graph),
+        output_labels=str(cfg.labels_path), bottlenecks=stats, parity_max_diff=diff, timings=timings,
+        misclassified=misclassified,
+    )
