@@ -1,0 +1,58 @@
+import io
+import urllib.error
+
+import pytest
+
+from flowerx import architectures as A
+from flowerx.errors import FlowerxError
+
+
+def test_grid_has_16_mobilenets_and_inception():
+    names = set(A.ARCHITECTURES)
+    assert len([n for n in names if n.startswith("mobilenet_")]) == 16
+    assert "inception_v3" in names and "mobilenet_0.50_224" in names
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("mobilenet_0.5_224", "mobilenet_0.50_224"), ("MobileNet_1_128", "mobilenet_1.0_128"),
+    ("mobilenet_0.25_160", "mobilenet_0.25_160"), ("inception_v3", "inception_v3"),
+])
+def test_name_spellings(name, expected):
+    assert A.get_architecture(name).name == expected
+
+
+def test_unknown_architecture_suggests_closest():
+    with pytest.raises(FlowerxError, match="did you mean mobilenet_0.75_224"):
+        A.get_architecture("mobilenet_0.75_225")
+
+
+def test_weights_file_names_are_the_ones_keras_downloads():
+    assert A.get_architecture("mobilenet_0.25_224").weights_file == "mobilenet_2_5_224_tf_no_top.h5"
+    assert A.get_architecture("mobilenet_0.50_160").weights_file == "mobilenet_5_0_160_tf_no_top.h5"
+    assert A.get_architecture("mobilenet_1.0_224").weights_url.startswith("https://storage.googleapis.com/")
+    assert A.get_architecture("inception_v3").input_size == 299
+
+
+def test_missing_weights_offline_names_what_is_present(tmp_path, monkeypatch):
+    (tmp_path / "mobilenet_2_5_224_tf_no_top.h5").write_bytes(b"x")
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(A.urllib.request, "urlopen", offline)
+    assert A.resolve_weights(A.get_architecture("mobilenet_0.25_224"), tmp_path).name.startswith("mobilenet_2_5")
+    with pytest.raises(FlowerxError, match="weights present there: mobilenet_0.25_224"):
+        A.resolve_weights(A.get_architecture("mobilenet_1.0_224"), tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["mobilenet_2_5_224_tf_no_top.h5"]  # no partial file
+
+
+def test_download_checks_hash_before_moving_into_place(tmp_path, monkeypatch):
+    monkeypatch.setattr(A.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"tampered"))
+    dest = tmp_path / "w.h5"
+    with pytest.raises(FlowerxError, match="corrupt"):
+        A.download("https://example.invalid/w.h5", dest, "0" * 64)
+    assert list(tmp_path.iterdir()) == []
+    A.download("https://example.invalid/w.h5", dest, __import__("hashlib").sha256(b"tampered").hexdigest())
+    assert dest.read_bytes() == b"tampered"
+    with pytest.raises(FlowerxError, match="plain HTTP"):
+        A.download("http://example.invalid/w.h5", dest)

@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_image
+from flowerx.data import discover, open_image, prepare_image, split_of
+from flowerx.errors import FlowerxError, ImageError
+
+
+def test_split_is_stable_and_follows_percentages():
+    names = [f"daisy/img_{i}.jpg" for i in range(5000)]
+    splits = [split_of(n, 10, 20) for n in names]
+    assert splits == [split_of(n, 10, 20) for n in names]  # deterministic, path-only
+    counts = {s: splits.count(s) / len(names) for s in ("train", "validation", "test")}
+    assert abs(counts["validation"] - 0.10) < 0.02 and abs(counts["test"] - 0.20) < 0.02
+    assert split_of("daisy/a.jpg", 10, 10) in ("train", "validation", "test")
+
+
+def test_split_ignores_where_the_dataset_lives(tmp_path):
+    for root in (tmp_path / "a", tmp_path / "b" / "moved"):
+        for label in ("x", "y"):
+            for i in range(20):
+                make_image((root / label).mkdir(parents=True, exist_ok=True) or root / label / f"{i}.png", fmt="PNG")
+    one, two = discover(tmp_path / "a"), discover(tmp_path / "b" / "moved")
+    assert [i.relpath for i in one.items] == [i.relpath for i in two.items]
+    assert [split_of(i.relpath, 20, 20) for i in one.items] == [split_of(i.relpath, 20, 20) for i in two.items]
+
+
+def test_discover_labels_sorted_skips_empty_and_needs_two_classes(tmp_path):
+    for label in ("b", "a"):
+        (tmp_path / label).mkdir()
+        make_image(tmp_path / label / "1.jpg")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    ds = discover(tmp_path)
+    assert ds.labels == ["a", "b"] and ds.skipped_folders == ["empty"] and len(ds.items) == 2
+    import shutil
+    shutil.rmtree(tmp_path / "b")
+    with pytest.raises(FlowerxError, match="at least two class folders"):
+        discover(tmp_path)
+    with pytest.raises(FlowerxError, match="does not exist"):
+        discover(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("mode,fmt", [("L", "JPEG"), ("CMYK", "JPEG"), ("RGBA", "PNG"), ("P", "GIF"), ("RGB", "WEBP"), ("I;16", "PNG")])
+def test_every_mode_becomes_rgb(tmp_path, mode, fmt):
+    path = tmp_path / f"img.{fmt.lower()}"
+    if mode == "I;16":
+        Image.fromarray(np.full((20, 30), 40000, np.uint16)).save(path)
+    else:
+        make_image(path, mode=mode, fmt=fmt)
+    array = prepare_image(path, 32)
+    assert array.shape == (32, 32, 3) and array.dtype == np.uint8
+    if mode == "I;16":
+        assert 150 < array.mean() < 160  # 40000 / 256, not clipped to white
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    image.save(tmp_path / "r.jpg", exif=exif)
+    assert open_image(tmp_path / "r.jpg").size == (20, 40)
+
+
+def test_sources_path_bytes_pil_array_agree(tmp_path):
+    path = make_image(tmp_path / "a.png", fmt="PNG")
+    want = prepare_image(path, 16)
+    for source in (str(path), path.read_bytes(), Image.open(path), np.asarray(Image.open(path))):
+        np.testing.assert_array_equal(prepare_image(source, 16), want)
+
+
+@pytest.mark.parametrize("content,reason", [
+    (b"", "empty file"), (b"hello, I am text", "not an image"), ("truncated", "cannot decode"),
+])
+def test_bad_files_raise_image_error(tmp_path, content, reason):
+    path = tmp_path / "bad.jpg"
+    if content == "truncated":
+        good = make_image(tmp_path / "good.jpg", size=(300, 300)).read_bytes()
+        content = good[: len(good) // 2]
+    path.write_bytes(content)
+    with pytest.raises(ImageError, match=reason):
+        prepare_image(path, 16)
+    assert issubclass(ImageError, ValueError)
+
+
+def test_missing_file_and_folder(tmp_path):
+    with pytest.raises(ImageError, match="no such file"):
+        prepare_image(tmp_path / "nope.jpg", 16)
+    with pytest.raises(ImageError, match="folder"):
+        prepare_image(tmp_path, 16)

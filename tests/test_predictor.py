@@ -1,0 +1,83 @@
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import solid, write_tiny_model
+from flowerx import FlowerxError, ImageError, Predictor
+
+
+@pytest.fixture
+def model(tmp_path):
+    return write_tiny_model(tmp_path / "tiny.onnx")
+
+
+def test_reads_contract_from_metadata(model):
+    p = Predictor(model, providers="cpu")
+    assert p.labels == ["red", "green", "blue"] and p.input_size == 8 and p.resize == "bilinear"
+    assert p.provider == "CPUExecutionProvider"
+
+
+def test_predict_every_source_kind(model, tmp_path):
+    p = Predictor(model)
+    path = solid(tmp_path / "g.png", (10, 200, 10))
+    for source in (path, str(path), path.read_bytes(), Image.open(path), np.asarray(Image.open(path))):
+        ranked = p.predict(source)
+        assert [label for label, _ in ranked][0] == "green" and len(ranked) == 3
+        assert abs(sum(score for _, score in ranked) - 1) < 1e-5
+    assert len(p.predict(path, top_k=1)) == 1
+
+
+def test_batch_equals_single(model, tmp_path):
+    p = Predictor(model)
+    images = [solid(tmp_path / f"{i}.png", c) for i, c in enumerate([(200, 0, 0), (0, 0, 200), (0, 200, 0)])]
+    assert p.predict_batch(images) == [p.predict(i) for i in images]
+    assert [r[0][0] for r in p.predict_batch(images, top_k=1)] == ["red", "blue", "green"]
+
+
+def test_shared_by_threads(model, tmp_path):
+    p = Predictor(model)
+    colours = [(200, 0, 0), (0, 0, 200), (0, 200, 0), (90, 80, 10)]
+    images = [solid(tmp_path / f"{i}.png", c) for i, c in enumerate(colours)]
+    serial = [p.predict(i) for i in images]
+    results, errors = {}, []
+
+    def work(t):
+        try:
+            for n in range(50):
+                results[(t, n)] = p.predict(images[(t + n) % 4]) == serial[(t + n) % 4]
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors and len(results) == 400 and all(results.values())
+
+
+def test_bad_models(tmp_path):
+    (tmp_path / "text.onnx").write_text("not a model")
+    with pytest.raises(FlowerxError, match="not a valid ONNX model"):
+        Predictor(tmp_path / "text.onnx")
+    with pytest.raises(FlowerxError, match="no such model file"):
+        Predictor(tmp_path / "missing.onnx")
+    bare = write_tiny_model(tmp_path / "bare.onnx", metadata={})
+    with pytest.raises(FlowerxError, match="no flowerx metadata"):
+        Predictor(bare)
+    assert Predictor(bare, labels=["r", "g", "b"], input_size=8).predict(solid(tmp_path / "r.png", (255, 0, 0)))[0][0] == "r"
+    wrong = write_tiny_model(tmp_path / "wrong.onnx", metadata={"labels": '["a", "b"]', "input_size": "8"})
+    with pytest.raises(FlowerxError, match="3 outputs but 2 labels"):
+        Predictor(wrong)
+    nchw = write_tiny_model(tmp_path / "nchw.onnx", input_shape=["N", 8, 16, 3])
+    with pytest.raises(FlowerxError, match=r"input must be one \[N, 8, 8, 3\]"):
+        Predictor(nchw)
+    with pytest.raises(FlowerxError, match="providers"):
+        Predictor(write_tiny_model(tmp_path / "ok.onnx"), providers="tpu")
+
+
+def test_bad_image_raises_documented_type(model, tmp_path):
+    (tmp_path / "x.jpg").write_text("text")
+    with pytest.raises(ImageError) as info:
+        Predictor(model).predict(tmp_path / "x.jpg")
+    assert isinstance(info.value, ValueError)

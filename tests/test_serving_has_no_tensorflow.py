@@ -1,0 +1,27 @@
+"""The serving path (import flowerx, Predictor, classify, evaluate) never imports TensorFlow, tf2onnx or onnx."""
+
+import subprocess
+import sys
+
+from conftest import solid, write_tiny_model
+
+PROBE = """
+import sys
+import flowerx
+from flowerx import Predictor
+from flowerx.cli import main
+code = main(["classify", sys.argv[1], "--graph", sys.argv[2]])
+code += main(["evaluate", "--graph", sys.argv[2], "--image-dir", sys.argv[3]])
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tf2onnx", "onnx", "keras"))
+print("HEAVY", heavy, "CODE", code)
+"""
+
+
+def test_classify_and_evaluate_import_no_training_stack(tmp_path):
+    model = write_tiny_model(tmp_path / "m.onnx")
+    for label, colour in (("red", (250, 0, 0)), ("green", (0, 250, 0))):
+        (tmp_path / "set" / label).mkdir(parents=True)
+        solid(tmp_path / "set" / label / "1.png", colour)
+    result = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / "set" / "red" / "1.png"), str(model),
+                             str(tmp_path / "set")], capture_output=True, text=True, timeout=120)
+    assert "HEAVY [] CODE 0" in result.stdout, result.stdout + result.stderr
