@@ -136,51 +136,56 @@ def train_head(
 
     tf.random.set_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    dim = x.shape[1]
-    kernel = tf.Variable(tf.random.truncated_normal([dim, num_classes], stddev=0.001, seed=cfg.seed))
+    generator = tf.random.Generator.from_seed(cfg.seed)
+    kernel = tf.Variable(tf.random.truncated_normal([x.shape[1], num_classes], stddev=0.001, seed=cfg.seed))
     bias = tf.Variable(tf.zeros([num_classes]))
     optimizer = tf.keras.optimizers.SGD(cfg.learning_rate)
     train_x, train_y = tf.constant(x[splits["train"]]), tf.constant(y[splits["train"]], tf.int64)
+    n_train = len(splits["train"])
+    batch = min(cfg.train_batch_size, n_train)
 
     @tf.function
-    def step(idx):
-        xb, yb = tf.gather(train_x, idx), tf.gather(train_y, idx)
-        with tf.GradientTape() as tape:
-            logits = tf.matmul(xb, kernel) + bias
-            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(yb, logits))
-        optimizer.apply_gradients(zip(tape.gradient(loss, [kernel, bias]), [kernel, bias]))
-        accuracy = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, 1), yb), tf.float32))
+    def run_steps(first: tf.Tensor, count: tf.Tensor):
+        """count SGD steps inside one graph call (no Python per step), writing train summaries."""
+        loss, accuracy = tf.constant(0.0), tf.constant(0.0)
+        for step in tf.range(first, first + count):
+            idx = generator.uniform([batch], 0, n_train, dtype=tf.int64)
+            xb, yb = tf.gather(train_x, idx), tf.gather(train_y, idx)
+            with tf.GradientTape() as tape:
+                logits = tf.matmul(xb, kernel) + bias
+                loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(yb, logits))
+            optimizer.apply_gradients(zip(tape.gradient(loss, [kernel, bias]), [kernel, bias]))
+            accuracy = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, 1), yb), tf.float32))
+            tf.summary.scalar("cross_entropy", loss, step=step)
+            tf.summary.scalar("accuracy", accuracy, step=step)
         return loss, accuracy
 
     def evaluate(idx: np.ndarray) -> float:
         logits = x[idx] @ kernel.numpy() + bias.numpy()
         return float((logits.argmax(1) == y[idx]).mean()) if len(idx) else float("nan")
 
-    writers = {}
     if summary_dir is not None:
-        writers = {k: tf.summary.create_file_writer(str(summary_dir / k)) for k in ("train", "validation")}
-    n_train, val_acc = len(splits["train"]), float("nan")
-    for i in range(cfg.how_many_training_steps):
-        loss, acc = step(tf.constant(rng.integers(0, n_train, min(cfg.train_batch_size, n_train))))
-        last = i + 1 == cfg.how_many_training_steps
-        if writers:
-            with writers["train"].as_default(step=i):
-                tf.summary.scalar("cross_entropy", loss)
-                tf.summary.scalar("accuracy", acc)
-        if (i + 1) % cfg.eval_step_interval == 0 or last:
-            val_idx = _sample(splits["validation"], cfg.validation_batch_size, rng)
-            val_acc = evaluate(val_idx)
-            if writers:
-                with writers["validation"].as_default(step=i):
-                    tf.summary.scalar("accuracy", val_acc)
-            console.print(
-                f"Step {i + 1:>5}/{cfg.how_many_training_steps}: train accuracy {float(acc) * 100:5.1f}%  "
-                f"cross entropy {float(loss):.4f}  validation accuracy {val_acc * 100:5.1f}% "
-                f"(N={len(val_idx)})",
-                highlight=False,
-            )
-    for w in writers.values():
-        w.flush()
+        train_writer = tf.summary.create_file_writer(str(summary_dir / "train"))
+        val_writer = tf.summary.create_file_writer(str(summary_dir / "validation"))
+    else:
+        train_writer = val_writer = tf.summary.create_noop_writer()
+    done, total, val_acc = 0, cfg.how_many_training_steps, float("nan")
+    while done < total:
+        count = min(cfg.eval_step_interval, total - done)
+        with train_writer.as_default():
+            loss, acc = run_steps(tf.constant(done, tf.int64), tf.constant(count, tf.int64))
+        done += count
+        val_idx = _sample(splits["validation"], cfg.validation_batch_size, rng)
+        val_acc = evaluate(val_idx)
+        with val_writer.as_default():
+            tf.summary.scalar("accuracy", val_acc, step=done - 1)
+        console.print(
+            f"Step {done:>5}/{total}: train accuracy {float(acc) * 100:5.1f}%  cross entropy {float(loss):.4f}  "
+            f"validation accuracy {val_acc * 100:5.1f}% (N={len(val_idx)})",
+            highlight=False,
+        )
+    train_writer.flush()
+    val_writer.flush()
     return kernel.numpy(), bias.numpy(), val_acc
 
 
