@@ -70,3 +70,38 @@ def build_classifier(features: keras.Model, kernel: np.ndarray, bias: np.ndarray
     probs = head(features.output)
     head.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
     return keras.Model(features.input, probs, name=features.name.replace("features_", "flowerx_"))
+
+
+def calibrate_batchnorm(model: keras.Model, images: np.ndarray) -> None:
+    """Give a randomly initialised network realistic BatchNorm statistics.
+
+    With weights=None every moving mean is 0 and variance 1, activations blow up or saturate, and every
+    output comes out the same: a parity check on such a model tests nothing. One forward pass in training
+    mode with momentum 0 sets each layer's moving statistics to those of its real input.
+    """
+    norms = [layer for layer in _all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+    saved = [(layer.momentum, layer.trainable) for layer in norms]
+    for layer in norms:
+        layer.momentum, layer.trainable = 0.0, True
+    model(images, training=True)
+    for layer, (momentum, trainable) in zip(norms, saved):
+        layer.momentum, layer.trainable = momentum, trainable
+
+
+def _all_layers(model: keras.Model) -> list:
+    layers = []
+    for layer in model.layers:
+        layers.extend(_all_layers(layer) if isinstance(layer, keras.Model) else [layer])
+    return layers
+
+
+def count_macs(model: keras.Model) -> int:
+    """Multiply-accumulates of one image through the conv and dense layers (the cost that matters)."""
+    total = 0
+    for layer in _all_layers(model):
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)):
+            # Each output position costs one MAC per kernel weight: kh*kw*cin*cout (conv),
+            # kh*kw*cin*multiplier (depthwise) or in*out (dense).
+            spatial = int(np.prod(layer.output.shape[1:-1]))
+            total += spatial * int(np.prod(layer.get_weights()[0].shape))
+    return total

@@ -17,7 +17,8 @@ from rich.table import Table
 
 from .errors import FlowerxError, ImageError
 
-out = Console(highlight=False, soft_wrap=True)
+# Piped output gets wide tables rather than rich's 80-column default.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 TRAIN_HELP = {
@@ -95,6 +96,29 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--providers", default="auto", choices=["auto", "cpu", "cuda"], help="execution provider")
 
 
+def _add_bench(sub) -> None:
+    from .bench import DEFAULT_ARCHITECTURES, RUNTIMES
+
+    p = sub.add_parser("bench", help="latency tables across model sizes and runtimes",
+                       description="Each runtime is timed in its own process. Sizes without local pretrained "
+                       "weights are built with random weights (latency does not depend on them).")
+    p.add_argument("--architectures", nargs="+", help=f"models to bench (default: {' '.join(DEFAULT_ARCHITECTURES)})")
+    p.add_argument("--full", action="store_true", help="the 16 MobileNet v1 sizes and Inception V3")
+    p.add_argument("--quick", action="store_true", help="a smoke test that finishes in under a minute")
+    p.add_argument("--graph", help="also bench this trained flowerx model")
+    p.add_argument("--image-dir", help="labelled folder: adds the trained model's accuracy")
+    p.add_argument("--model-dir", help="pretrained weights folder (default: Keras' cache)")
+    p.add_argument("--work-dir", default=".flowerx/bench", help="where prepared models are kept (default: .flowerx/bench)")
+    p.add_argument("--runtimes", nargs="+", choices=RUNTIMES, help="runtimes to time (default: all)")
+    p.add_argument("--threads", nargs="+", type=int, help="thread counts (default: 1 and all cores)")
+    p.add_argument("--runs", type=int, help="batch-1 runs per measurement, at most (default: 100)")
+    p.add_argument("--seconds", type=float, help="time budget per batch-1 measurement (default: 3)")
+    p.add_argument("--batch", type=int, help="batch size for throughput (default: 32)")
+    p.add_argument("--json", metavar="PATH", help="write the results (with the machine's description) as JSON")
+    p.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
+    p.add_argument("--plot", metavar="PATH", help="draw latency vs. accuracy (or MACs) to a PNG")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -104,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_classify(sub)
     _add_evaluate(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -210,7 +235,69 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "classify": cmd_classify, "evaluate": cmd_evaluate}
+def _num(value: float | None, fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from . import bench
+    from .fileio import atomic_write
+
+    if args.quick and args.full:
+        raise FlowerxError("--quick and --full exclude each other")
+    options = {k: v for k, v in dict(
+        graph=args.graph, image_dir=args.image_dir, model_dir=args.model_dir, work_dir=args.work_dir,
+        runtimes=tuple(args.runtimes) if args.runtimes else None, threads=tuple(args.threads) if args.threads else None,
+        runs=args.runs, seconds=args.seconds, batch=args.batch,
+        architectures=bench.FULL_ARCHITECTURES if args.full else args.architectures,
+    ).items() if v is not None}
+    if args.graph and not args.architectures and not args.full:
+        options.setdefault("architectures", [])
+    cfg = bench.BenchConfig.quick(**options) if args.quick else bench.BenchConfig(**options)
+    with Progress(console=err, transient=True) as progress:
+        task = progress.add_task("bench", total=bench.steps(cfg))
+
+        def step(description: str) -> None:
+            progress.update(task, description=description, advance=1)
+
+        report = bench.run(cfg, step)
+    table = Table(title=f"flowerx bench: {report.machine['cpu']}, {report.machine['cores']} cores "
+                        f"(batch-1 latency; x = latency / flowerx's, same threads)")
+    columns = ["model", "runtime", "thr", "weights", "median ms", "p90", "p99", "x", f"img/s @{cfg.batch}",
+               "MB", "params M", "MMACs", "load s", "peak MB", "acc %"]
+    for c in columns:
+        table.add_column(c, justify="left" if c in ("model", "runtime", "weights") else "right")
+    for r in report.rows:
+        if r.status != "ok":
+            table.add_row(r.model, r.runtime, str(r.threads), r.weights, f"[dim]{r.status}[/]")
+            continue
+        table.add_row(
+            r.model, "flowerx (onnxruntime)" if r.runtime == "onnxruntime" else r.runtime, str(r.threads), r.weights,
+            _num(r.median_ms, ".2f"), _num(r.p90_ms, ".2f"), _num(r.p99_ms, ".2f"), _num(r.ratio, ".2f"),
+            _num(r.throughput_ips, ".0f"), _num(r.file_mb, ".1f"), _num(r.params and r.params / 1e6, ".2f"),
+            _num(r.macs and r.macs / 1e6, ".0f"), _num(r.load_s, ".2f"), _num(r.peak_mb, ".0f"),
+            _num(r.accuracy and r.accuracy * 100, ".1f"),
+        )
+    out.print(table)
+    for e in report.end_to_end:
+        if e.get("speedup"):
+            out.print(f"End to end, classify one image ({e['model']}): flowerx {e['flowerx_s']:.2f} s, "
+                      f"TensorFlow {e['tensorflow_s']:.2f} s: {e['speedup']:.1f}x faster")
+        else:
+            out.print(f"End to end ({e['model']}): flowerx {_num(e['flowerx_s'], '.2f')} s ({e['flowerx_status']}); "
+                      f"TensorFlow: {e['tensorflow_status']}")
+    if args.json:
+        atomic_write(args.json, report.to_json().encode())
+    if args.csv:
+        atomic_write(args.csv, report.to_csv().encode())
+    if args.plot:
+        bench.plot(report, args.plot)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "classify": cmd_classify, "evaluate": cmd_evaluate, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,343 @@
+"""`flowerx bench`: latency, throughput, size, load time and memory per model and runtime.
+
+Each measurement runs in its own process (benchmarks/workers.py): TensorFlow loaded beside onnxruntime
+slows it down, and peak memory means something only per process. Results come back as data
+(`BenchReport`); the CLI prints them as a table. This module itself imports neither TF nor onnxruntime.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.metadata
+import importlib.util
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .architectures import ARCHITECTURES, default_model_dir, get_architecture
+from .errors import FlowerxError
+
+RUNTIMES = ("onnxruntime", "tensorflow", "litert")
+RUNTIME_MODULE = {"onnxruntime": "onnxruntime", "tensorflow": "tensorflow", "litert": "ai_edge_litert"}
+RUNTIME_FILE = {"onnxruntime": "model.onnx", "tensorflow": "savedmodel", "litert": "model.tflite"}
+INSTALL_HINT = {"tensorflow": "pip install 'flowerx[train]'", "litert": "pip install 'flowerx[bench]'"}
+DEFAULT_ARCHITECTURES = ["mobilenet_1.0_224", "mobilenet_0.75_224", "mobilenet_0.50_224", "mobilenet_0.25_224"]
+FULL_ARCHITECTURES = list(ARCHITECTURES)  # the 16 MobileNets and Inception V3
+
+
+@dataclass
+class BenchConfig:
+    architectures: list[str] = field(default_factory=lambda: list(DEFAULT_ARCHITECTURES))
+    graph: str | None = None  # a trained flowerx model to bench as well
+    image_dir: str | None = None  # labelled folder: accuracy column for the trained model
+    model_dir: str = str(default_model_dir())  # real weights where present, else random (same latency)
+    work_dir: str = ".flowerx/bench"  # prepared models, reused by later runs
+    runtimes: tuple[str, ...] = RUNTIMES
+    threads: tuple[int, ...] = (1, os.cpu_count() or 1)
+    runs: int = 100  # batch-1 timed runs (at most)
+    seconds: float = 3.0  # time budget per batch-1 measurement
+    batch: int = 32  # batch size of the throughput measurement
+    end_to_end_repeats: int = 3
+
+    @classmethod
+    def quick(cls, **overrides) -> "BenchConfig":
+        """A smoke test that finishes in well under a minute."""
+        base = dict(architectures=["mobilenet_0.25_128"], threads=(1,), runs=20, seconds=0.5, batch=4,
+                    end_to_end_repeats=1)
+        return cls(**{**base, **overrides})
+
+
+@dataclass
+class Row:
+    model: str
+    runtime: str
+    threads: int
+    weights: str  # imagenet, random or trained
+    status: str = "ok"  # or "skipped: why" / "failed: why"
+    median_ms: float | None = None
+    p90_ms: float | None = None
+    p99_ms: float | None = None
+    throughput_ips: float | None = None
+    batch: int | None = None
+    file_mb: float | None = None
+    params: int | None = None
+    macs: int | None = None
+    load_s: float | None = None
+    peak_mb: float | None = None
+    ratio: float | None = None  # this runtime's median latency / flowerx's (onnxruntime), same model and threads
+    accuracy: float | None = None
+
+
+@dataclass
+class BenchReport:
+    machine: dict
+    rows: list[Row]
+    end_to_end: list[dict]
+    config: dict
+
+    def to_json(self) -> str:
+        return json.dumps({"machine": self.machine, "config": self.config, "rows": [asdict(r) for r in self.rows],
+                           "end_to_end": self.end_to_end}, indent=2)
+
+    def to_csv(self) -> str:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(asdict(self.rows[0])) if self.rows else ["model"])
+        writer.writeheader()
+        for row in self.rows:
+            writer.writerow(asdict(row))
+        return buffer.getvalue()
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for package in ("flowerx", "onnxruntime", "onnxruntime-gpu", "tensorflow-cpu", "tensorflow", "ai-edge-litert",
+                    "tf2onnx", "numpy"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "versions": versions}
+
+
+def _worker(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "benchmarks.workers", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def _why(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in (result.stderr or result.stdout).strip().splitlines() if line.strip()]
+    return lines[-1][:200] if lines else f"exit code {result.returncode}"
+
+
+@dataclass
+class _Model:
+    name: str
+    arch: str
+    dir: Path
+    onnx: Path
+    info: dict = field(default_factory=dict)
+    trained: bool = False
+
+
+def _plan_models(cfg: BenchConfig) -> list[_Model]:
+    work = Path(cfg.work_dir).expanduser()
+    models = []
+    for name in cfg.architectures:
+        arch = get_architecture(name)
+        weights = "imagenet" if (Path(cfg.model_dir).expanduser() / arch.weights_file).is_file() else "random"
+        folder = work / f"{arch.name}-{weights}"
+        models.append(_Model(arch.name, arch.name, folder, folder / "model.onnx"))
+    if cfg.graph:
+        from .predictor import Predictor
+
+        graph = Path(cfg.graph)
+        predictor = Predictor(graph, providers="cpu")
+        arch = predictor.metadata.get("architecture")
+        if arch not in ARCHITECTURES:
+            raise FlowerxError(f"{graph} does not say which architecture it is (metadata 'architecture')")
+        digest = hashlib.sha256(graph.read_bytes()).hexdigest()[:12]
+        models.append(_Model(f"{graph.name} ({arch})", arch, work / f"trained-{digest}", graph, trained=True,
+                             info={"classes": len(predictor.labels)}))
+    return models
+
+
+def _prepare(model: _Model, cfg: BenchConfig) -> str | None:
+    """Build the model's files for every runtime once (needs TensorFlow); None on success, else why not."""
+    done = model.dir / "info.json"
+    if not done.is_file():
+        if importlib.util.find_spec("tensorflow") is None:
+            return f"TensorFlow not installed ({INSTALL_HINT['tensorflow']})"
+        args = ["prepare", "--arch", model.arch, "--out", str(model.dir), "--model-dir", cfg.model_dir]
+        if cfg.image_dir:
+            args += ["--image-dir", cfg.image_dir]
+        if model.trained:
+            args += ["--graph", str(model.onnx), "--classes", str(model.info["classes"])]
+        result = _worker(*args)
+        if result.returncode != 0 or not done.is_file():
+            return f"could not build the model: {_why(result)}"
+    model.info.update(json.loads(done.read_text()))
+    return None
+
+
+def _measure(model: _Model, runtime: str, threads: int, cfg: BenchConfig) -> Row:
+    # A trained model's other runtimes run the same network with stand-in weights (same latency).
+    weights = "trained" if model.trained and runtime == "onnxruntime" else model.info.get("weights", "?")
+    row = Row(model.name, runtime, threads, weights)
+    if importlib.util.find_spec(RUNTIME_MODULE[runtime]) is None:
+        row.status = f"skipped: {RUNTIME_MODULE[runtime]} not installed ({INSTALL_HINT.get(runtime, '')})"
+        return row
+    path = model.onnx if runtime == "onnxruntime" else model.dir / RUNTIME_FILE[runtime]
+    if not path.exists():
+        row.status = f"skipped: no {RUNTIME_FILE[runtime]} ({model.info.get('prepare_error', 'not prepared')})"
+        return row
+    size = get_architecture(model.arch).input_size
+    result = _worker("measure", "--runtime", runtime, "--model", str(path), "--size", str(size),
+                     "--threads", str(threads), "--runs", str(cfg.runs), "--seconds", str(cfg.seconds),
+                     "--batch", str(cfg.batch))
+    try:
+        figures = json.loads(result.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        row.status = f"failed: {_why(result)}"
+        return row
+    for key, value in figures.items():
+        if hasattr(row, key) and key != "runs":
+            setattr(row, key, value)
+    row.params, row.macs = model.info.get("params"), model.info.get("macs")
+    return row
+
+
+def _timed(cmd: list[str], repeats: int) -> tuple[float | None, str]:
+    walls = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+        if result.returncode != 0:
+            return None, _why(result)
+        walls.append(time.perf_counter() - start)
+    return statistics.median(walls), "ok"
+
+
+def _end_to_end(model: _Model, image: Path, cfg: BenchConfig) -> dict:
+    """Wall time of classifying one image from process start, flowerx vs. the same in TensorFlow."""
+    flowerx_s, status = _timed([sys.executable, "-m", "flowerx", "classify", str(image), "--graph", str(model.onnx)],
+                               cfg.end_to_end_repeats)
+    entry = {"model": model.name, "image": str(image), "flowerx_s": flowerx_s, "flowerx_status": status}
+    savedmodel = model.dir / "savedmodel"
+    if importlib.util.find_spec("tensorflow") is None or not savedmodel.exists():
+        entry.update(tensorflow_s=None, tensorflow_status="skipped: TensorFlow not installed or no SavedModel")
+    else:
+        tf_s, tf_status = _timed([sys.executable, "-m", "benchmarks.workers", "tf-classify", "--model",
+                                  str(savedmodel), str(image)], cfg.end_to_end_repeats)
+        entry.update(tensorflow_s=tf_s, tensorflow_status=tf_status)
+    if entry["flowerx_s"] and entry.get("tensorflow_s"):
+        entry["speedup"] = entry["tensorflow_s"] / entry["flowerx_s"]
+    return entry
+
+
+def _sample_image(cfg: BenchConfig) -> Path:
+    if cfg.image_dir:
+        from .data import list_images
+
+        images = list_images(Path(cfg.image_dir))
+        if images:
+            return images[0]
+    path = Path(cfg.work_dir).expanduser() / "sample.jpg"
+    if not path.is_file():
+        import numpy as np
+        from PIL import Image
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def run(cfg: BenchConfig, on_step: Callable[[str], None] = lambda s: None) -> BenchReport:
+    """Prepare every model, measure every (model, runtime, threads), then end to end and accuracy."""
+    if cfg.runs <= 0 or cfg.seconds <= 0 or cfg.batch <= 0 or any(t <= 0 for t in cfg.threads):
+        raise FlowerxError("--runs, --seconds, --batch and --threads must be positive")
+    models = _plan_models(cfg)
+    rows: list[Row] = []
+    for model in models:
+        on_step(f"preparing {model.name}")
+        problem = _prepare(model, cfg)
+        if problem:
+            model.info["prepare_error"] = problem
+        for runtime in cfg.runtimes:
+            for threads in cfg.threads:
+                on_step(f"{model.name}: {runtime}, {threads} thread{'s' if threads > 1 else ''}")
+                if problem and runtime != "onnxruntime":
+                    rows.append(Row(model.name, runtime, threads, "trained" if model.trained else "?",
+                                    status=f"skipped: {problem}"))
+                elif problem and not model.onnx.exists():
+                    rows.append(Row(model.name, runtime, threads, "?", status=f"failed: {problem}"))
+                else:
+                    rows.append(_measure(model, runtime, threads, cfg))
+    for row in rows:  # ratios against flowerx's predictor in the same run
+        base = next((r for r in rows if r.model == row.model and r.threads == row.threads
+                     and r.runtime == "onnxruntime" and r.median_ms), None)
+        if base and row.median_ms:
+            row.ratio = row.median_ms / base.median_ms
+    if cfg.graph and cfg.image_dir:
+        on_step("accuracy of the trained model")
+        from .evaluate import evaluate
+        from .predictor import Predictor
+
+        predictor = Predictor(cfg.graph, providers="cpu")
+        split = "test" if "testing_percentage" in predictor.metadata.get("training", "") else "all"
+        accuracy = evaluate(predictor, cfg.image_dir, split).accuracy
+        for row in rows:
+            if row.model == models[-1].name and row.runtime == "onnxruntime" and row.status == "ok":
+                row.accuracy = accuracy
+    end_to_end = []
+    if cfg.end_to_end_repeats > 0:
+        target = models[-1] if cfg.graph else next((m for m in models if m.arch == "mobilenet_0.50_224"), models[0])
+        if target.onnx.exists():
+            on_step(f"end to end: classify one image with {target.name}")
+            end_to_end.append(_end_to_end(target, _sample_image(cfg), cfg))
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+    return BenchReport(machine_info(), rows, end_to_end, config)
+
+
+def steps(cfg: BenchConfig) -> int:
+    """How many on_step calls run() makes (for a progress bar)."""
+    models = len(cfg.architectures) + (1 if cfg.graph else 0)
+    return models * (1 + len(cfg.runtimes) * len(cfg.threads)) + (1 if cfg.graph and cfg.image_dir else 0) + (
+        1 if cfg.end_to_end_repeats > 0 else 0)
+
+
+def plot(report: BenchReport, path: str | os.PathLike) -> None:
+    """Latency (batch 1, all threads) vs. accuracy where measured, else vs. MACs; circle area = file size."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise FlowerxError("--plot needs matplotlib (pip install 'flowerx[bench]')") from None
+    threads = max(r.threads for r in report.rows)
+    rows = [r for r in report.rows if r.status == "ok" and r.threads == threads and r.median_ms]
+    use_accuracy = any(r.accuracy is not None for r in rows)
+    fig, ax = plt.subplots(figsize=(10, 6.5))
+    colours = {"onnxruntime": "tab:blue", "tensorflow": "tab:orange", "litert": "tab:green"}
+    for runtime in RUNTIMES:
+        mine = [r for r in rows if r.runtime == runtime and (r.accuracy is not None if use_accuracy else r.macs)]
+        if not mine:
+            continue
+        ys = [r.accuracy * 100 if use_accuracy else r.macs / 1e6 for r in mine]
+        ax.scatter([r.median_ms for r in mine], ys, s=[max(20, 25 * r.file_mb) for r in mine], alpha=0.5,
+                   color=colours[runtime], label=runtime if runtime != "onnxruntime" else "flowerx (onnxruntime)")
+        if runtime == "onnxruntime":
+            for r, y in zip(mine, ys):
+                ax.annotate(r.model.replace("mobilenet_", "mn_"), (r.median_ms, y), fontsize=7,
+                            xytext=(4, 4), textcoords="offset points")
+    ax.set_xscale("log")
+    if not use_accuracy:
+        ax.set_yscale("log")
+    ax.set_xlabel(f"batch-1 latency, ms ({threads} threads, median; log scale)")
+    ax.set_ylabel("test accuracy, %" if use_accuracy else "MACs per image, millions (log scale)")
+    ax.set_title(f"flowerx bench on {report.machine['cpu']} ({report.machine['cores']} cores); circle area = model size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", markerscale=0.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,41 @@
+"""`flowerx bench --quick` end to end: every runtime in its own process, JSON with every figure positive."""
+
+import json
+
+import pytest
+
+from conftest import run_cli
+
+pytest.importorskip("tensorflow")
+
+
+def test_bench_quick_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_cli("bench", "--quick", "--json", str(out), "--csv", str(tmp_path / "bench.csv"),
+                     "--plot", str(tmp_path / "chart.png"), "--work-dir", str(tmp_path / "work"),
+                     "--model-dir", str(tmp_path / "no-weights"), timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "flowerx (onnxruntime)" in result.stdout and "End to end" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["machine"]["cores"] >= 1 and report["machine"]["versions"]["onnxruntime"]
+    rows = {r["runtime"]: r for r in report["rows"]}
+    assert set(rows) == {"onnxruntime", "tensorflow", "litert"}
+    measured = [r for r in report["rows"] if r["status"] == "ok"]
+    assert rows["onnxruntime"]["status"] == "ok" and rows["tensorflow"]["status"] == "ok"
+    for row in measured:
+        assert row["weights"] == "random"  # no weights in that folder: random, BN calibrated
+        for key in ("median_ms", "p90_ms", "p99_ms", "throughput_ips", "file_mb", "params", "macs", "load_s",
+                    "peak_mb", "ratio"):
+            assert row[key] > 0, (row["runtime"], key)
+        assert row["median_ms"] <= row["p90_ms"] <= row["p99_ms"]
+    assert rows["onnxruntime"]["ratio"] == 1.0
+    assert 10e6 < rows["onnxruntime"]["macs"] < 20e6  # mobilenet_0.25_128: ~14 MMACs
+    (e2e,) = report["end_to_end"]
+    assert e2e["flowerx_s"] > 0 and e2e["tensorflow_s"] > 0 and e2e["speedup"] > 0
+    assert (tmp_path / "chart.png").stat().st_size > 10_000
+    assert (tmp_path / "bench.csv").read_text().startswith("model,runtime,threads")
+
+
+def test_bench_bad_arguments(tmp_path):
+    result = run_cli("bench", "--architectures", "mobilenet_9_224", "--work-dir", str(tmp_path))
+    assert result.returncode == 2 and "unknown architecture" in result.stderr and "Traceback" not in result.stderr
