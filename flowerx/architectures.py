@@ -107,6 +107,11 @@ def _file_hash(path: Path, algorithm: str) -> str:
     return digest.hexdigest()
 
 
+def weights_fingerprint(path: Path) -> str:
+    """A short id of a weights file's content: caches built from other weights are never reused."""
+    return _file_hash(Path(path), "sha256")[:12]
+
+
 def download(url: str, dest: Path, expected_hash: str | None = None, timeout: float = 30.0) -> Path:
     """Download url over HTTPS to dest: into a temporary file, check its hash, then move into place."""
     if not url.startswith("https://"):

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import os
+import tempfile
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +27,7 @@ from .fileio import atomic_write
 
 # Bump when the decode rule or the features change, so old entries are never mixed with new ones.
 CACHE_VERSION = "v1"
+IN_MEMORY_LIMIT = 1 << 30  # bytes of features kept in RAM; larger datasets are memory-mapped
 
 
 @dataclass
@@ -35,11 +39,12 @@ class BottleneckStats:
 
 
 class BottleneckCache:
-    """Files under <root>/<architecture>-<version>/<key[:2]>/<key>.npy; keys are hex digests only."""
+    """Files under <root>/<architecture>-<weights>-<version>/<key[:2]>/<key>.npy; keys are hex digests only."""
 
-    def __init__(self, root: str | os.PathLike, arch: Architecture):
+    def __init__(self, root: str | os.PathLike, arch: Architecture, weights_id: str = "imagenet"):
+        """weights_id names the weights the features come from (a hash of the file): other weights, other entries."""
         self.arch = arch
-        self.dir = Path(root).expanduser() / f"{arch.name}-{CACHE_VERSION}"
+        self.dir = Path(root).expanduser() / f"{arch.name}-{weights_id}-{CACHE_VERSION}"
 
     @staticmethod
     def key(data: bytes) -> str:
@@ -81,6 +86,18 @@ def _batches(seq: Sequence, size: int) -> Iterator[Sequence]:
         yield seq[start : start + size]
 
 
+def _allocate(n: int, dim: int, folder: Path) -> np.ndarray:
+    """The feature matrix: in memory when small, else a memory-mapped scratch file (datasets of millions)."""
+    if n * dim * 4 <= IN_MEMORY_LIMIT:
+        return np.zeros((n, dim), np.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(dir=folder, prefix=".features-", suffix=".npy", delete=False)
+    handle.close()
+    matrix = np.lib.format.open_memmap(handle.name, mode="w+", dtype=np.float32, shape=(n, dim))
+    os.unlink(handle.name)  # the mapping stays valid; the file goes away with the process
+    return matrix
+
+
 def get_bottlenecks(
     items: Sequence[ImageItem],
     cache: BottleneckCache,
@@ -92,13 +109,15 @@ def get_bottlenecks(
 ) -> tuple[np.ndarray, np.ndarray, BottleneckStats]:
     """Features for items, from the cache or computed in batches.
 
-    make_model is called only if something must be computed; it returns a function from a uint8 batch
-    [B, S, S, 3] to features [B, D]. Decoding runs on a thread pool, overlapped with the model.
+    make_model is called only if something must be computed; it returns a thread-safe function from a
+    uint8 batch [B, S, S, 3] to features [B, D]. Each of `workers` threads decodes a batch, runs the model on
+    it and stores the results (decoding and the model release the GIL), so every core stays busy without
+    a hand-tuned split between decoding and inference.
     Returns (features [n, D], ok mask [n], stats); rows of failed images are zero and not ok.
     """
     workers = workers or os.cpu_count() or 1
     n, dim, size = len(items), cache.arch.feature_dim, cache.arch.input_size
-    features = np.zeros((n, dim), np.float32)
+    features = _allocate(n, dim, cache.dir)
     ok = np.zeros(n, bool)
     stats = BottleneckStats()
     todo: list[tuple[int, str]] = []
@@ -126,33 +145,46 @@ def get_bottlenecks(
 
         model = make_model()
 
-        def decode(job: tuple[int, str]) -> np.ndarray | str:
-            try:
-                return prepare_image(items[job[0]].path, size)
-            except ImageError as e:
-                return str(e).split(": ", 1)[-1]
+        def process(batch: Sequence[tuple[int, str]]) -> tuple[list, np.ndarray | None]:
+            """Decode, infer and store one batch; returns (per-job image or failure reason, features)."""
+            decoded: list[np.ndarray | str] = []
+            for i, _ in batch:
+                try:
+                    decoded.append(prepare_image(items[i].path, size))
+                except ImageError as e:
+                    decoded.append(e.reason)
+            good = [img for img in decoded if not isinstance(img, str)]
+            if not good:
+                return decoded, None
+            out = np.asarray(model(np.stack(good)), np.float32)
+            vectors = iter(out)
+            for (i, key), img in zip(batch, decoded):
+                if not isinstance(img, str):
+                    cache.store(key, next(vectors))
+            return decoded, out
 
-        def submit(batch: Sequence[tuple[int, str]]) -> list:
-            chunk = max(1, -(-len(batch) // workers))
-            return [pool.submit(lambda c=c: [decode(j) for j in c]) for c in _batches(batch, chunk)]
-
-        # Decode batch k+1 on the pool while the model runs on batch k.
-        batches = list(_batches(todo, batch_size))
-        pending = submit(batches[0])
-        for k, batch in enumerate(batches):
-            decoded = [img for f in pending for img in f.result()]
-            if k + 1 < len(batches):
-                pending = submit(batches[k + 1])
-            good = [(job, img) for job, img in zip(batch, decoded) if not isinstance(img, str)]
-            for job, img in zip(batch, decoded):
-                if isinstance(img, str):
-                    stats.failed.append((items[job[0]].relpath, img))
-                    on_warning(f"skipping {items[job[0]].relpath}: {img}")
-            if good:
-                out = np.asarray(model(np.stack([img for _, img in good])), np.float32)
-                for ((i, key), _), vector in zip(good, out):
-                    cache.store(key, vector)
-                    features[i], ok[i] = vector, True
-                stats.computed += len(good)
-            on_progress(len(batch))
+        pending: deque = deque()  # at most 2 batches per worker in flight, consumed in order
+        batches = iter(_batches(todo, batch_size))
+        for batch in itertools.islice(batches, 2 * workers):
+            pending.append((batch, pool.submit(process, batch)))
+        try:
+            while pending:
+                batch, future = pending.popleft()
+                decoded, out = future.result()
+                nxt = next(batches, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(process, nxt)))
+                vectors = iter(out if out is not None else ())
+                for (i, _), img in zip(batch, decoded):
+                    if isinstance(img, str):
+                        stats.failed.append((items[i].relpath, img))
+                        on_warning(f"skipping {items[i].relpath}: {img}")
+                    else:
+                        features[i], ok[i] = next(vectors), True
+                        stats.computed += 1
+                on_progress(len(batch))
+        except BaseException:  # Ctrl-C or a failure: stop queued batches; what was stored stays stored
+            for _, future in pending:
+                future.cancel()
+            raise
     return features, ok, stats

@@ -107,7 +107,7 @@ def open_image(source: ImageSource, min_size: int | None = None) -> Image.Image:
         else:
             data = source if isinstance(source, bytes) else Path(source).read_bytes()
             if not data:
-                raise ImageError(f"{name}: empty file")
+                raise ImageError(name, "empty file")
             image = Image.open(io.BytesIO(data))
             if min_size and image.format == "JPEG":
                 image.draft("RGB", (min_size, min_size))
@@ -118,17 +118,17 @@ def open_image(source: ImageSource, min_size: int | None = None) -> Image.Image:
     except ImageError:
         raise
     except FileNotFoundError:
-        raise ImageError(f"{name}: no such file") from None
+        raise ImageError(name, "no such file") from None
     except IsADirectoryError:
-        raise ImageError(f"{name}: is a folder, not an image") from None
+        raise ImageError(name, "is a folder, not an image") from None
     except PermissionError:
-        raise ImageError(f"{name}: permission denied") from None
+        raise ImageError(name, "permission denied") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image (unrecognised format)") from None
+        raise ImageError(name, "not an image (unrecognised format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{name}: image is too large (over {Image.MAX_IMAGE_PIXELS} pixels)") from None
+        raise ImageError(name, f"image is too large (over {Image.MAX_IMAGE_PIXELS} pixels)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageError(f"{name}: cannot decode image ({e})") from None
+        raise ImageError(name, f"cannot decode image ({e})") from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -148,11 +148,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 def _from_array(array: np.ndarray) -> Image.Image:
     if array.dtype != np.uint8:
-        raise ImageError(f"array image must be uint8, got {array.dtype}")
+        raise ImageError("array", f"image must be uint8, got {array.dtype}")
     if array.ndim == 2:
         array = np.stack([array] * 3, axis=-1)
     if array.ndim != 3 or array.shape[2] not in (3, 4):
-        raise ImageError(f"array image must be HxWx3 RGB (or HxW, HxWx4), got shape {array.shape}")
+        raise ImageError("array", f"image must be HxWx3 RGB (or HxW, HxWx4), got shape {array.shape}")
     return _to_rgb(Image.fromarray(np.ascontiguousarray(array)))
 
 

@@ -6,4 +6,8 @@ class FlowerxError(ValueError):
 
 
 class ImageError(FlowerxError):
-    """An image could not be read or decoded."""
+    """An image could not be read or decoded: `source` (its path or kind) and `reason`."""
+
+    def __init__(self, source: str, reason: str):
+        super().__init__(f"{source}: {reason}")
+        self.source, self.reason = source, reason

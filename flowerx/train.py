@@ -11,16 +11,17 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from . import __version__
-from .architectures import Architecture, default_model_dir, get_architecture, resolve_weights
+from .architectures import Architecture, default_model_dir, get_architecture, resolve_weights, weights_fingerprint
 from .bottlenecks import BottleneckCache, BottleneckStats, get_bottlenecks
-from .data import RESIZE_RULE, discover, prepare_image, split_of
-from .errors import FlowerxError
+from .data import RESIZE_RULE, ImageItem, discover, prepare_image, split_of
+from .errors import FlowerxError, ImageError
 from .fileio import atomic_write
 
 
@@ -91,28 +92,56 @@ class TrainResult:
     misclassified: list[tuple[str, str, str]] = field(default_factory=list)  # (relpath, predicted, true)
 
 
-class _FeatureExtractor:
-    """Builds the Keras feature model on first use, so a warm cache never pays for it until export."""
+class _Networks:
+    """The frozen network, built on first use: as Keras (for the export's parity check) and as a cached
+    ONNX export that computes bottlenecks on onnxruntime (faster than TensorFlow here, in batches too)."""
 
-    def __init__(self, arch: Architecture, weights: Path):
-        self.arch, self.weights, self.model, self._fn = arch, weights, None, None
+    def __init__(self, arch: Architecture, weights: Path, folder: Path, items: Sequence[ImageItem]):
+        self.arch, self.weights, self.onnx_path, self.items = arch, weights, folder / "features.onnx", items
+        self._keras = None
 
-    def get_model(self):
-        if self.model is None:
+    def keras(self):
+        if self._keras is None:
             from .backbone import build_base, build_feature_model
 
-            self.model = build_feature_model(self.arch, build_base(self.arch, self.weights))
-        return self.model
+            self._keras = build_feature_model(self.arch, build_base(self.arch, self.weights))
+        return self._keras
 
-    def batch_fn(self):
-        from .backbone import tf
+    def sample_images(self, count: int = 8) -> np.ndarray:
+        """A few real images of the dataset, for parity checks."""
+        images = []
+        for item in self.items:
+            try:
+                images.append(prepare_image(item.path, self.arch.input_size))
+            except ImageError:
+                continue
+            if len(images) == count:
+                break
+        if not images:
+            raise FlowerxError("none of the images can be read")
+        return np.stack(images)
 
-        model, size = self.get_model(), self.arch.input_size
-        fn = tf.function(
-            lambda x: model(x, training=False),
-            input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)],
-        )
-        return lambda batch: fn(batch).numpy()
+    def features_onnx(self) -> Path:
+        """The feature network as ONNX (uint8 image -> features), converted once per architecture and weights."""
+        if not self.onnx_path.is_file():
+            from exporters.onnx_export import FEATURES_ATOL, check_parity, keras_to_onnx
+
+            data = keras_to_onnx(self.keras(), self.arch.input_size, output="features").SerializeToString()
+            check_parity(data, self.keras(), self.sample_images(4), atol=FEATURES_ATOL, top1=False)
+            atomic_write(self.onnx_path, data)
+        return self.onnx_path
+
+    def batch_fn(self) -> Callable[[np.ndarray], np.ndarray]:
+        """A thread-safe features function; each calling thread gets one core (no spinning threads that
+        would steal the core another thread is decoding on)."""
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(str(self.features_onnx()), options, providers=["CPUExecutionProvider"])
+        return lambda batch: session.run(None, {"image": batch})[0]
 
 
 def _progress(console: Console) -> Progress:
@@ -206,8 +235,8 @@ def run(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
     )
 
     # Bottlenecks: cached where possible, computed in batches otherwise.
-    extractor = _FeatureExtractor(arch, weights)
-    cache = BottleneckCache(cfg.bottleneck_dir, arch)
+    cache = BottleneckCache(cfg.bottleneck_dir, arch, weights_id=weights_fingerprint(weights))
+    networks = _Networks(arch, weights, cache.dir, dataset.items)
     t = time.perf_counter()
     with _progress(console) as progress:
         task = progress.add_task("Bottlenecks", total=len(dataset.items), rate="")
@@ -218,7 +247,7 @@ def run(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
             progress.update(task, advance=n, rate=f"{done / elapsed:.0f} img/s" if elapsed > 0 else "")
 
         features, ok, stats = get_bottlenecks(
-            dataset.items, cache, extractor.batch_fn, cfg.bottleneck_batch_size,
+            dataset.items, cache, networks.batch_fn, cfg.bottleneck_batch_size,
             on_progress=advance, on_warning=lambda m: progress.console.print(f"[yellow]warning:[/] {m}", highlight=False),
         )
     timings["bottlenecks_s"] = time.perf_counter() - t
@@ -258,12 +287,16 @@ def run(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
 
     # Export base + head as one ONNX file, checked against Keras on real validation images.
     t = time.perf_counter()
-    from exporters.onnx_export import export
+    import onnx
+
+    from exporters.onnx_export import append_head, export
+
     from .backbone import build_classifier
 
-    model = build_classifier(extractor.get_model(), kernel, bias)
+    model = build_classifier(networks.keras(), kernel, bias)
     check_idx = (list(splits["validation"]) + list(splits["train"]))[:8]
     check_images = np.stack([prepare_image(dataset.items[i].path, arch.input_size) for i in check_idx])
+    combined = append_head(onnx.load(str(networks.features_onnx())), kernel, bias)
     metadata = {
         "labels": dataset.labels,
         "input_size": str(arch.input_size),
@@ -285,7 +318,7 @@ def run(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
             "trained_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
     }
-    data, diff = export(model, arch.input_size, metadata, check_images)
+    data, diff = export(model, arch.input_size, metadata, check_images, proto=combined)
     atomic_write(cfg.output_graph, data)
     atomic_write(cfg.labels_path, ("\n".join(dataset.labels) + "\n").encode())
     timings["export_s"] = time.perf_counter() - t

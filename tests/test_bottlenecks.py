@@ -93,7 +93,7 @@ def test_interrupted_run_keeps_what_it_wrote(dataset, tmp_path):
             return super().__call__(batch)
 
     with pytest.raises(KeyboardInterrupt):
-        run(dataset, cache, Dies())
+        run(dataset, cache, Dies(), workers=1)
     assert len(list(cache.dir.rglob("*.npy"))) == 6 and not list(cache.dir.rglob("*.tmp"))
     _, _, stats, _ = run(dataset, cache, FakeNet())
     assert stats.cached == 6 and stats.computed == 4
