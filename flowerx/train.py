@@ -155,6 +155,19 @@ def _sample(indices: np.ndarray, size: int, rng: np.random.Generator) -> np.ndar
     return indices if size < 0 or size >= len(indices) else rng.choice(indices, size, replace=False)
 
 
+STEPS_PER_CALL = 100  # batches gathered per graph call: bounds memory, whatever the dataset's size
+
+
+def predict_logits(x: np.ndarray, idx: np.ndarray, kernel: np.ndarray, bias: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """Logits of the rows idx of x, a chunk at a time (x may be a memory-mapped file)."""
+    parts = [x[idx[i : i + chunk]] @ kernel + bias for i in range(0, len(idx), chunk)]
+    return np.concatenate(parts) if parts else np.zeros((0, kernel.shape[1]), np.float32)
+
+
+def accuracy_of(x: np.ndarray, y: np.ndarray, idx: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> float:
+    return float((predict_logits(x, idx, kernel, bias).argmax(1) == y[idx]).mean()) if len(idx) else float("nan")
+
+
 def train_head(
     x: np.ndarray, y: np.ndarray, splits: dict[str, np.ndarray], num_classes: int, cfg: TrainConfig,
     console: Console, summary_dir: Path | None,
@@ -165,33 +178,29 @@ def train_head(
 
     tf.random.set_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    generator = tf.random.Generator.from_seed(cfg.seed)
     kernel = tf.Variable(tf.random.truncated_normal([x.shape[1], num_classes], stddev=0.001, seed=cfg.seed))
     bias = tf.Variable(tf.zeros([num_classes]))
     optimizer = tf.keras.optimizers.SGD(cfg.learning_rate)
-    train_x, train_y = tf.constant(x[splits["train"]]), tf.constant(y[splits["train"]], tf.int64)
-    n_train = len(splits["train"])
-    batch = min(cfg.train_batch_size, n_train)
+    train_idx = splits["train"]
+    batch = min(cfg.train_batch_size, len(train_idx))
 
     @tf.function
-    def run_steps(first: tf.Tensor, count: tf.Tensor):
-        """count SGD steps inside one graph call (no Python per step), writing train summaries."""
+    def run_steps(first: tf.Tensor, xs: tf.Tensor, ys: tf.Tensor):
+        """len(xs) SGD steps inside one graph call (no Python per step), writing train summaries."""
         loss, accuracy = tf.constant(0.0), tf.constant(0.0)
-        for step in tf.range(first, first + count):
-            idx = generator.uniform([batch], 0, n_train, dtype=tf.int64)
-            xb, yb = tf.gather(train_x, idx), tf.gather(train_y, idx)
+        for i in tf.range(tf.shape(xs, out_type=tf.int64)[0]):
+            xb, yb = xs[i], ys[i]
             with tf.GradientTape() as tape:
                 logits = tf.matmul(xb, kernel) + bias
                 loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(yb, logits))
             optimizer.apply_gradients(zip(tape.gradient(loss, [kernel, bias]), [kernel, bias]))
             accuracy = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, 1), yb), tf.float32))
-            tf.summary.scalar("cross_entropy", loss, step=step)
-            tf.summary.scalar("accuracy", accuracy, step=step)
+            tf.summary.scalar("cross_entropy", loss, step=first + i)
+            tf.summary.scalar("accuracy", accuracy, step=first + i)
         return loss, accuracy
 
     def evaluate(idx: np.ndarray) -> float:
-        logits = x[idx] @ kernel.numpy() + bias.numpy()
-        return float((logits.argmax(1) == y[idx]).mean()) if len(idx) else float("nan")
+        return accuracy_of(x, y, idx, kernel.numpy(), bias.numpy())
 
     if summary_dir is not None:
         train_writer = tf.summary.create_file_writer(str(summary_dir / "train"))
@@ -200,10 +209,14 @@ def train_head(
         train_writer = val_writer = tf.summary.create_noop_writer()
     done, total, val_acc = 0, cfg.how_many_training_steps, float("nan")
     while done < total:
-        count = min(cfg.eval_step_interval, total - done)
-        with train_writer.as_default():
-            loss, acc = run_steps(tf.constant(done, tf.int64), tf.constant(count, tf.int64))
-        done += count
+        end = min(done + cfg.eval_step_interval, total)
+        while done < end:  # feed at most STEPS_PER_CALL batches at a time: x may be a memory-mapped file
+            count = min(STEPS_PER_CALL, end - done)
+            picks = rng.choice(train_idx, (count, batch))
+            with train_writer.as_default():
+                loss, acc = run_steps(tf.constant(done, tf.int64), tf.constant(x[picks.ravel()].reshape(count, batch, -1)),
+                                      tf.constant(y[picks], tf.int64))
+            done += count
         val_idx = _sample(splits["validation"], cfg.validation_batch_size, rng)
         val_acc = evaluate(val_idx)
         with val_writer.as_default():
@@ -278,7 +291,7 @@ def run(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
 
     rng = np.random.default_rng(cfg.seed + 1)
     test_idx = _sample(splits["test"], cfg.test_batch_size, rng)
-    predicted = (features[test_idx] @ kernel + bias).argmax(1)
+    predicted = predict_logits(features, test_idx, kernel, bias).argmax(1)
     test_acc = float((predicted == labels[test_idx]).mean()) if len(test_idx) else float("nan")
     misclassified = [
         (dataset.items[i].relpath, dataset.labels[p], dataset.labels[labels[i]])
