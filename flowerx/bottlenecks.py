@@ -12,6 +12,7 @@ import io
 import itertools
 import os
 import tempfile
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,8 +23,7 @@ import numpy as np
 
 from .architectures import Architecture
 from .data import ImageItem, prepare_image
-from .errors import ImageError
-from .fileio import atomic_write
+from .errors import FlowerxError, ImageError
 
 # Bump when the decode rule or the features change, so old entries are never mixed with new ones.
 CACHE_VERSION = "v1"
@@ -45,6 +45,7 @@ class BottleneckCache:
         """weights_id names the weights the features come from (a hash of the file): other weights, other entries."""
         self.arch = arch
         self.dir = Path(root).expanduser() / f"{arch.name}-{weights_id}-{CACHE_VERSION}"
+        self._made: set[str] = set()  # prefix folders known to exist
 
     @staticmethod
     def key(data: bytes) -> str:
@@ -58,6 +59,8 @@ class BottleneckCache:
     def load(self, key: str) -> np.ndarray | None:
         """The cached vector, or None when absent. Raises ValueError for a damaged entry."""
         path = self.path(key)
+        if not os.path.exists(path):  # the common miss, without np.load's exception path
+            return None
         try:
             vector = np.load(path, allow_pickle=False)
         except FileNotFoundError:
@@ -69,16 +72,28 @@ class BottleneckCache:
         return vector
 
     def store(self, key: str, vector: np.ndarray) -> None:
+        """Write one entry atomically (temporary file, then rename). Lean on purpose: it runs once per image,
+        on the worker threads, so it avoids pathlib and buffered files (load() verifies what it reads, so
+        no fsync either)."""
         buffer = io.BytesIO()
         np.save(buffer, np.ascontiguousarray(vector, dtype=np.float32), allow_pickle=False)
-        atomic_write(self.path(key), buffer.getvalue(), durable=False)  # load() verifies
-
-
-def _read_key(item: ImageItem) -> str | tuple[str, str]:
-    try:
-        return BottleneckCache.key(item.path.read_bytes())
-    except OSError as e:
-        return ("error", f"cannot read file ({e.strerror or e})")
+        path = str(self.path(key))
+        folder = os.path.dirname(path)
+        if folder not in self._made:
+            os.makedirs(folder, exist_ok=True)
+            self._made.add(folder)
+        tmp = f"{folder}/.{key}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, buffer.getbuffer())
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as e:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise FlowerxError(f"cannot write the bottleneck cache in {self.dir}: {e.strerror or e}") from None
 
 
 def _batches(seq: Sequence, size: int) -> Iterator[Sequence]:
@@ -109,79 +124,78 @@ def get_bottlenecks(
 ) -> tuple[np.ndarray, np.ndarray, BottleneckStats]:
     """Features for items, from the cache or computed in batches.
 
-    make_model is called only if something must be computed; it returns a thread-safe function from a
-    uint8 batch [B, S, S, 3] to features [B, D]. Each of `workers` threads decodes a batch, runs the model on
-    it and stores the results (decoding and the model release the GIL), so every core stays busy without
-    a hand-tuned split between decoding and inference.
+    Each of `workers` threads takes a batch of images, reads each file once (its hash is the cache key),
+    loads what is cached, decodes the rest, runs the model on them and stores the results; file reads,
+    hashing, decoding and the model all release the GIL, so every core stays busy. make_model is called
+    (once) only if something must be computed; it returns a thread-safe function from a uint8 batch
+    [B, S, S, 3] to features [B, D].
     Returns (features [n, D], ok mask [n], stats); rows of failed images are zero and not ok.
     """
     workers = workers or os.cpu_count() or 1
-    n, dim, size = len(items), cache.arch.feature_dim, cache.arch.input_size
-    features = _allocate(n, dim, cache.dir)
-    ok = np.zeros(n, bool)
+    features = _allocate(len(items), cache.arch.feature_dim, cache.dir)
+    ok = np.zeros(len(items), bool)
     stats = BottleneckStats()
-    todo: list[tuple[int, str]] = []
-    with ThreadPoolExecutor(workers) as pool:
-        for i, key in enumerate(pool.map(_read_key, items)):
-            if isinstance(key, tuple):
-                stats.failed.append((items[i].relpath, key[1]))
-                on_warning(f"skipping {items[i].relpath}: {key[1]}")
-                on_progress(1)
+    model_lock = threading.Lock()
+    model: list[Callable[[np.ndarray], np.ndarray]] = []
+
+    def get_model() -> Callable[[np.ndarray], np.ndarray]:
+        with model_lock:
+            if not model:
+                model.append(make_model())
+        return model[0]
+
+    def process(batch: Sequence[int]) -> list[tuple[str, object]]:
+        """Per image: ("cached" | "computed" | "corrupt", vector) or ("failed", reason)."""
+        results: list[tuple[str, object]] = []
+        todo: list[tuple[int, str, np.ndarray]] = []  # (position in batch, key, decoded image)
+        for pos, i in enumerate(batch):
+            try:
+                data = items[i].path.read_bytes()
+            except OSError as e:
+                results.append(("failed", f"cannot read file ({e.strerror or e})"))
                 continue
+            key, status = BottleneckCache.key(data), "computed"
             try:
                 vector = cache.load(key)
             except ValueError as e:
-                stats.corrupt += 1
+                vector, status = None, "corrupt"
                 on_warning(f"recomputing {items[i].relpath}: {e}")
-                vector = None
-            if vector is None:
-                todo.append((i, key))
-            else:
-                features[i], ok[i] = vector, True
-                stats.cached += 1
-                on_progress(1)
-        if not todo:
-            return features, ok, stats
+            if vector is not None:
+                results.append(("cached", vector))
+                continue
+            try:
+                todo.append((pos, key, prepare_image(data, cache.arch.input_size)))
+                results.append((status, None))
+            except ImageError as e:
+                results.append(("failed", e.reason))
+        if todo:
+            out = np.asarray(get_model()(np.stack([image for _, _, image in todo])), np.float32)
+            for (pos, key, _), vector in zip(todo, out):
+                cache.store(key, vector)
+                results[pos] = (results[pos][0], vector)
+        return results
 
-        model = make_model()
-
-        def process(batch: Sequence[tuple[int, str]]) -> tuple[list, np.ndarray | None]:
-            """Decode, infer and store one batch; returns (per-job image or failure reason, features)."""
-            decoded: list[np.ndarray | str] = []
-            for i, _ in batch:
-                try:
-                    decoded.append(prepare_image(items[i].path, size))
-                except ImageError as e:
-                    decoded.append(e.reason)
-            good = [img for img in decoded if not isinstance(img, str)]
-            if not good:
-                return decoded, None
-            out = np.asarray(model(np.stack(good)), np.float32)
-            vectors = iter(out)
-            for (i, key), img in zip(batch, decoded):
-                if not isinstance(img, str):
-                    cache.store(key, next(vectors))
-            return decoded, out
-
+    with ThreadPoolExecutor(workers) as pool:
+        batches = iter(_batches(range(len(items)), batch_size))
         pending: deque = deque()  # at most 2 batches per worker in flight, consumed in order
-        batches = iter(_batches(todo, batch_size))
         for batch in itertools.islice(batches, 2 * workers):
             pending.append((batch, pool.submit(process, batch)))
         try:
             while pending:
                 batch, future = pending.popleft()
-                decoded, out = future.result()
+                results = future.result()
                 nxt = next(batches, None)
                 if nxt is not None:
                     pending.append((nxt, pool.submit(process, nxt)))
-                vectors = iter(out if out is not None else ())
-                for (i, _), img in zip(batch, decoded):
-                    if isinstance(img, str):
-                        stats.failed.append((items[i].relpath, img))
-                        on_warning(f"skipping {items[i].relpath}: {img}")
-                    else:
-                        features[i], ok[i] = next(vectors), True
-                        stats.computed += 1
+                for i, (status, value) in zip(batch, results):
+                    if status == "failed":
+                        stats.failed.append((items[i].relpath, value))
+                        on_warning(f"skipping {items[i].relpath}: {value}")
+                        continue
+                    features[i], ok[i] = value, True
+                    stats.cached += status == "cached"
+                    stats.computed += status != "cached"
+                    stats.corrupt += status == "corrupt"
                 on_progress(len(batch))
         except BaseException:  # Ctrl-C or a failure: stop queued batches; what was stored stays stored
             for _, future in pending:
