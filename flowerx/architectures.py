@@ -6,15 +6,13 @@ Pure Python (no TensorFlow): the table is shared by training, export, the predic
 from __future__ import annotations
 
 import difflib
-import hashlib
 import os
-import tempfile
 import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import FlowerxError
+from .fileio import download, file_hash
 
 MOBILENET_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet/"
 INCEPTION_URL = "https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/"
@@ -99,39 +97,9 @@ def available_architectures(model_dir: Path) -> list[str]:
     return [a.name for a in ARCHITECTURES.values() if (Path(model_dir) / a.weights_file).is_file()]
 
 
-def _file_hash(path: Path, algorithm: str) -> str:
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def weights_fingerprint(path: Path) -> str:
     """A short id of a weights file's content: caches built from other weights are never reused."""
-    return _file_hash(Path(path), "sha256")[:12]
-
-
-def download(url: str, dest: Path, expected_hash: str | None = None, timeout: float = 30.0) -> Path:
-    """Download url over HTTPS to dest: into a temporary file, check its hash, then move into place."""
-    if not url.startswith("https://"):
-        raise FlowerxError(f"refusing to download over plain HTTP: {url}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            for chunk in iter(lambda: response.read(1 << 20), b""):
-                out.write(chunk)
-        if expected_hash:
-            algorithm = "md5" if len(expected_hash) == 32 else "sha256"
-            actual = _file_hash(Path(tmp), algorithm)
-            if actual != expected_hash:
-                raise FlowerxError(f"download of {url} is corrupt: {algorithm} {actual} != {expected_hash}")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return dest
+    return file_hash(path)[:12]
 
 
 def resolve_weights(arch: Architecture, model_dir: str | os.PathLike) -> Path:

@@ -119,6 +119,11 @@ def _add_bench(sub) -> None:
     p.add_argument("--plot", metavar="PATH", help="draw latency vs. accuracy (or MACs) to a PNG")
 
 
+def _add_download(sub) -> None:
+    p = sub.add_parser("download-flowers", help="download the tutorial's flower photos (CC-BY) to train on")
+    p.add_argument("--dest", default=".", help="folder to put flower_photos/ in (default: .)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -129,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_classify(sub)
     _add_evaluate(sub)
     _add_bench(sub)
+    _add_download(sub)
     return parser
 
 
@@ -297,7 +303,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "classify": cmd_classify, "evaluate": cmd_evaluate, "bench": cmd_bench}
+def cmd_download_flowers(args: argparse.Namespace) -> int:
+    from .data import download_flowers
+
+    path = download_flowers(args.dest)
+    out.print(f"{path}: flower photos ready (CC-BY: keep {path / 'LICENSE.txt'} with any copy)")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "classify": cmd_classify, "evaluate": cmd_evaluate, "bench": cmd_bench,
+            "download-flowers": cmd_download_flowers}
 
 
 def main(argv: list[str] | None = None) -> int:

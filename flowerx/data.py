@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import urllib.error
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import FlowerxError, ImageError
+from .fileio import download, extract_tar
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MAX_PERCENT = 2**27 - 1  # as in retrain.py: fine-grained, stable buckets
@@ -100,20 +102,21 @@ def open_image(source: ImageSource, min_size: int | None = None) -> Image.Image:
     """
     name = str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
     try:
-        if isinstance(source, Image.Image):
-            image = source
-        elif isinstance(source, np.ndarray):
-            return _from_array(source)
-        else:
-            data = source if isinstance(source, bytes) else Path(source).read_bytes()
-            if not data:
-                raise ImageError(name, "empty file")
-            image = Image.open(io.BytesIO(data))
-            if min_size and image.format == "JPEG":
-                image.draft("RGB", (min_size, min_size))
         with warnings.catch_warnings():
+            # A decompression-bomb warning (raised at open or at load) becomes an error.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = ImageOps.exif_transpose(image)  # loads the pixels; honours EXIF orientation
+            if isinstance(source, Image.Image):
+                image = source
+            elif isinstance(source, np.ndarray):
+                return _from_array(source)
+            else:
+                data = source if isinstance(source, bytes) else Path(source).read_bytes()
+                if not data:
+                    raise ImageError(name, "empty file")
+                image = Image.open(io.BytesIO(data))
+                if min_size and image.format == "JPEG":
+                    image.draft("RGB", (min_size, min_size))
+            image = ImageOps.exif_transpose(image)  # loads the pixels (first frame/page); honours EXIF orientation
         return _to_rgb(image)
     except ImageError:
         raise
@@ -164,3 +167,26 @@ def resize(image: Image.Image, size: int) -> np.ndarray:
 def prepare_image(source: ImageSource, size: int) -> np.ndarray:
     """Decode, turn upright, convert to RGB and resize: the model's uint8 input for one image."""
     return resize(open_image(source, min_size=size), size)
+
+
+FLOWERS_URL = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
+
+
+def download_flowers(dest_dir: str | os.PathLike) -> Path:
+    """The tutorial's flower photos (CC-BY; credits in its LICENSE.txt) as dest_dir/flower_photos.
+
+    Downloaded over HTTPS into a temporary file, unpacked into a temporary folder with unsafe members
+    refused, and only then moved into place; an existing folder is kept as it is.
+    """
+    final = Path(dest_dir).expanduser() / "flower_photos"
+    if final.is_dir():
+        return final
+    archive = final.with_name("flower_photos.tgz")
+    try:
+        download(FLOWERS_URL, archive)
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        raise FlowerxError(f"cannot download {FLOWERS_URL} (offline? {getattr(e, 'reason', e)})") from None
+    try:
+        return extract_tar(archive, final, inner="flower_photos")
+    finally:
+        archive.unlink(missing_ok=True)

@@ -4,6 +4,7 @@ import urllib.error
 import pytest
 
 from flowerx import architectures as A
+from flowerx import fileio
 from flowerx.errors import FlowerxError
 
 
@@ -39,7 +40,7 @@ def test_missing_weights_offline_names_what_is_present(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(A.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(fileio.urllib.request, "urlopen", offline)
     assert A.resolve_weights(A.get_architecture("mobilenet_0.25_224"), tmp_path).name.startswith("mobilenet_2_5")
     with pytest.raises(FlowerxError, match="weights present there: mobilenet_0.25_224"):
         A.resolve_weights(A.get_architecture("mobilenet_1.0_224"), tmp_path)
@@ -47,12 +48,12 @@ def test_missing_weights_offline_names_what_is_present(tmp_path, monkeypatch):
 
 
 def test_download_checks_hash_before_moving_into_place(tmp_path, monkeypatch):
-    monkeypatch.setattr(A.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"tampered"))
+    monkeypatch.setattr(fileio.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"tampered"))
     dest = tmp_path / "w.h5"
     with pytest.raises(FlowerxError, match="corrupt"):
-        A.download("https://example.invalid/w.h5", dest, "0" * 64)
+        fileio.download("https://example.invalid/w.h5", dest, "0" * 64)
     assert list(tmp_path.iterdir()) == []
-    A.download("https://example.invalid/w.h5", dest, __import__("hashlib").sha256(b"tampered").hexdigest())
+    fileio.download("https://example.invalid/w.h5", dest, __import__("hashlib").sha256(b"tampered").hexdigest())
     assert dest.read_bytes() == b"tampered"
     with pytest.raises(FlowerxError, match="plain HTTP"):
-        A.download("http://example.invalid/w.h5", dest)
+        fileio.download("http://example.invalid/w.h5", dest)
