@@ -1,11 +1,14 @@
 # Two commands do everything on a fresh machine (see README):
-#   make demo   create .venv, install flowerx with its training extras, train on the flower photos, classify a daisy
-#   make test   create .venv, install flowerx with its dev extras, run the test suite
+#   make demo   create .venv, install flowerx with its extras, train on the flower photos, classify a daisy
+#   make test   create .venv, install flowerx with its extras, run the test suite
+# make bench regenerates benchmarks/results/ and benchmarks/README.md (several minutes; keep the machine quiet).
 PYTHON ?= python3
 VENV ?= .venv
 SHARED ?= ../shared
 ARCH ?= mobilenet_1.0_224
 BIN = $(VENV)/bin
+MODEL = runs/$(ARCH)/model.onnx
+RESULTS = benchmarks/results
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +20,22 @@ install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
 	$(BIN)/flowerx train --image-dir $(SHARED)/flower_photos --model-dir $(SHARED)/models \
-		--architecture $(ARCH) --output-graph runs/$(ARCH)/model.onnx \
+		--architecture $(ARCH) --output-graph $(MODEL) \
 		--bottleneck-dir .flowerx/bottlenecks --summaries-dir .flowerx/summaries
-	$(BIN)/flowerx classify $(SHARED)/flower_photos/daisy/21652746_cc379e0eea_m.jpg --graph runs/$(ARCH)/model.onnx
+	$(BIN)/flowerx classify $(SHARED)/flower_photos/daisy/21652746_cc379e0eea_m.jpg --graph $(MODEL)
 
 test: $(BIN)/.installed
 	FLOWERX_SHARED=$${FLOWERX_SHARED:-$(abspath $(SHARED))} $(BIN)/python -m pytest -q
 
-.PHONY: install demo test
+bench: $(BIN)/.installed
+	test -f runs/mobilenet_1.0_224/model.onnx || $(MAKE) demo ARCH=mobilenet_1.0_224
+	$(BIN)/flowerx bench --model-dir $(SHARED)/models --graph runs/mobilenet_1.0_224/model.onnx \
+		--architectures mobilenet_1.0_224 mobilenet_0.75_224 mobilenet_0.50_224 mobilenet_0.25_224 \
+		--image-dir $(SHARED)/flower_photos --json $(RESULTS)/inference_default.json \
+		--csv $(RESULTS)/inference_default.csv --plot $(RESULTS)/inference_default.png
+	$(BIN)/flowerx bench --full --model-dir $(SHARED)/models --json $(RESULTS)/inference_full.json \
+		--csv $(RESULTS)/inference_full.csv --plot $(RESULTS)/inference_full.png
+	$(BIN)/python -m benchmarks.train_speed --shared $(SHARED) --json $(RESULTS)/train_speed.json
+	$(BIN)/python -m benchmarks.report
+
+.PHONY: install demo test bench

@@ -1,0 +1,113 @@
+"""Write benchmarks/README.md from the JSON results in benchmarks/results/ (run by `make bench`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _fmt(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def inference_table(report: dict) -> str:
+    lines = ["| model | runtime | threads | weights | median ms | p90 | p99 | x flowerx | img/s @batch | MB | "
+             "params M | MMACs | load s | peak MB | acc % |", "|" + "---|" * 15]
+    for r in report["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['model']} | {r['runtime']} | {r['threads']} | | {r['status']} |" + " |" * 10)
+            continue
+        runtime = "**flowerx (ORT)**" if r["runtime"] == "onnxruntime" else r["runtime"]
+        lines.append(
+            f"| {r['model']} | {runtime} | {r['threads']} | {r['weights']} | {_fmt(r['median_ms'], '.2f')} | "
+            f"{_fmt(r['p90_ms'], '.2f')} | {_fmt(r['p99_ms'], '.2f')} | {_fmt(r['ratio'], '.2f')} | "
+            f"{_fmt(r['throughput_ips'], '.0f')} | {_fmt(r['file_mb'], '.1f')} | {_fmt(r['params'] / 1e6, '.2f')} | "
+            f"{_fmt(r['macs'] / 1e6, '.0f')} | {_fmt(r['load_s'], '.2f')} | {_fmt(r['peak_mb'], '.0f')} | "
+            f"{_fmt(r['accuracy'] and r['accuracy'] * 100, '.1f')} |")
+    return "\n".join(lines)
+
+
+def _row(report: dict, model: str, runtime: str, threads: int) -> dict | None:
+    return next((r for r in report["rows"] if r["model"] == model and r["runtime"] == runtime
+                 and r["threads"] == threads and r["status"] == "ok"), None)
+
+
+def inference_targets(report: dict) -> str:
+    model, out = "mobilenet_0.50_224", []
+    for threads in sorted({r["threads"] for r in report["rows"]}):
+        ort, tf, lite = (_row(report, model, rt, threads) for rt in ("onnxruntime", "tensorflow", "litert"))
+        if ort and tf:
+            verdict = "met" if tf["ratio"] >= 3 else f"missed: {tf['ratio']:.2f}x"
+            out.append(f"- {model}, {threads} thread(s): flowerx {ort['median_ms']:.2f} ms vs TensorFlow "
+                       f"{tf['median_ms']:.2f} ms = **{tf['ratio']:.2f}x faster** (target 3x: {verdict}).")
+        if ort and lite:
+            slower = ort["median_ms"] / lite["median_ms"]
+            verdict = "met" if slower <= 1.0 else f"missed: flowerx is {(slower - 1) * 100:.0f}% slower"
+            out.append(f"- {model}, {threads} thread(s): LiteRT/XNNPACK {lite['median_ms']:.2f} ms, "
+                       f"flowerx/LiteRT = **{slower:.2f}** (target <= 1: {verdict}).")
+    for e in report.get("end_to_end", []):
+        if e.get("speedup"):
+            verdict = "met" if e["speedup"] >= 4 else "missed"
+            out.append(f"- End to end, `flowerx classify one.jpg` ({e['model']}): {e['flowerx_s']:.2f} s vs "
+                       f"{e['tensorflow_s']:.2f} s in TensorFlow = **{e['speedup']:.1f}x** (target 4x: {verdict}).")
+    return "\n".join(out)
+
+
+def train_table(report: dict) -> str:
+    results = report["results"]
+    rows = [
+        ("decode + resize only, all cores (img/s)", lambda r: f"{r['decode_only_images_per_s']:.0f}"),
+        ("decode core-ms per image", lambda r: f"{r['decode_core_ms_per_image']:.2f}"),
+        ("network only, all cores (img/s)", lambda r: f"{r['network_only_images_per_s']:.0f}"),
+        ("network core-ms per image", lambda r: f"{r['network_core_ms_per_image']:.2f}"),
+        ("hardware limit = cores / (decode + network core-s) (img/s)", lambda r: f"{r['hardware_limit_images_per_s']:.0f}"),
+        ("**flowerx cold bottleneck pass (img/s)**", lambda r: f"**{r['cold_pass_images_per_s']:.0f}**"),
+        ("fraction of the limit (target >= 90%)", lambda r: f"{r['cold_pass_fraction_of_limit']:.0%}"),
+        ("retrain.py-style per-image TF loop (img/s)", lambda r: f"{r['per_image_loop_images_per_s']:.0f}"),
+        ("flowerx / per-image loop (target >= 2.5x)", lambda r: f"{r['cold_pass_speedup_vs_per_image_loop']:.1f}x"),
+        ("head training, 4000 steps (s)", lambda r: f"{r['head_training_s']:.1f}"),
+        ("`flowerx train` cold, wall (s)", lambda r: f"{r['train_cold']['wall_s']:.1f}"),
+        ("`flowerx train` warm, wall (s) (target < 15 s for 1.0_224)", lambda r: f"{r['train_warm']['wall_s']:.1f}"),
+        ("peak memory cold / warm (MB) (target < 3000)",
+         lambda r: f"{r['train_cold']['peak_mb']:.0f} / {r['train_warm']['peak_mb']:.0f}"),
+        ("test accuracy (%)", lambda r: f"{r['train_cold']['test_accuracy']:.1f}"),
+    ]
+    for i, point in enumerate(results[0]["scaling"]):
+        rows.append((f"cold pass, {point['images']} images (s)", lambda r, i=i: f"{r['scaling'][i]['seconds']:.1f}"))
+    head = "| | " + " | ".join(r["architecture"] for r in results) + " |"
+    lines = [head, "|---|" + "---:|" * len(results)]
+    lines += [f"| {label} | " + " | ".join(fn(r) for r in results) + " |" for label, fn in rows]
+    return "\n".join(lines)
+
+
+def machine_line(report: dict) -> str:
+    m = report["machine"]
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    return f"{m['cpu']}, {m['cores']} cores, Python {m['python']}; {versions}"
+
+
+def main() -> None:
+    default, full, train = _load("inference_default.json"), _load("inference_full.json"), _load("train_speed.json")
+    text = (HERE / "README.template.md").read_text()
+    if default:
+        text = text.replace("{{machine}}", machine_line(default))
+        text = text.replace("{{inference_targets}}", inference_targets(default))
+        text = text.replace("{{inference_default}}", inference_table(default))
+    if full:
+        text = text.replace("{{inference_full}}", inference_table(full))
+    if train:
+        text = text.replace("{{train_speed}}", train_table(train))
+    (HERE / "README.md").write_text(text)
+    print(f"wrote {HERE / 'README.md'}")
+
+
+if __name__ == "__main__":
+    main()
