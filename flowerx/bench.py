@@ -8,7 +8,6 @@ slows it down, and peak memory means something only per process. Results come ba
 from __future__ import annotations
 
 import csv
-import hashlib
 import importlib.metadata
 import importlib.util
 import io
@@ -37,7 +36,7 @@ FULL_ARCHITECTURES = list(ARCHITECTURES)  # the 16 MobileNets and Inception V3
 @dataclass
 class BenchConfig:
     architectures: list[str] = field(default_factory=lambda: list(DEFAULT_ARCHITECTURES))
-    graph: str | None = None  # a trained flowerx model to bench as well
+    graphs: tuple[str, ...] = ()  # trained flowerx models (float, int8) to bench as well
     image_dir: str | None = None  # labelled folder: accuracy column for the trained model
     model_dir: str = str(default_model_dir())  # real weights where present, else random (same latency)
     work_dir: str = ".flowerx/bench"  # prepared models, reused by later runs
@@ -146,16 +145,17 @@ def _plan_models(cfg: BenchConfig) -> list[_Model]:
         weights = "imagenet" if (Path(cfg.model_dir).expanduser() / arch.weights_file).is_file() else "random"
         folder = work / f"{arch.name}-{weights}"
         models.append(_Model(arch.name, arch.name, folder, folder / "model.onnx"))
-    if cfg.graph:
+    for graph in map(Path, cfg.graphs):
         from .predictor import Predictor
 
-        graph = Path(cfg.graph)
         predictor = Predictor(graph, providers="cpu")
         arch = predictor.metadata.get("architecture")
         if arch not in ARCHITECTURES:
             raise FlowerxError(f"{graph} does not say which architecture it is (metadata 'architecture')")
-        digest = hashlib.sha256(graph.read_bytes()).hexdigest()[:12]
-        models.append(_Model(f"{graph.name} ({arch})", arch, work / f"trained-{digest}", graph, trained=True,
+        kind = "int8" if "quantization" in predictor.metadata else "fp32"
+        # The other runtimes run the same float network; one prepared copy serves every graph of it.
+        folder = work / f"trained-{arch}-{len(predictor.labels)}"
+        models.append(_Model(f"{graph.name} ({arch}, {kind})", arch, folder, graph, trained=True,
                              info={"classes": len(predictor.labels)}))
     return models
 
@@ -277,20 +277,21 @@ def run(cfg: BenchConfig, on_step: Callable[[str], None] = lambda s: None) -> Be
                      and r.runtime == "onnxruntime" and r.median_ms), None)
         if base and row.median_ms:
             row.ratio = row.median_ms / base.median_ms
-    if cfg.graph and cfg.image_dir:
-        on_step("accuracy of the trained model")
+    for model in (m for m in models if m.trained and cfg.image_dir):
+        on_step(f"accuracy of {model.name}")
         from .evaluate import evaluate
         from .predictor import Predictor
 
-        predictor = Predictor(cfg.graph, providers="cpu")
+        predictor = Predictor(model.onnx, providers="cpu")
         split = "test" if "testing_percentage" in predictor.metadata.get("training", "") else "all"
         accuracy = evaluate(predictor, cfg.image_dir, split).accuracy
         for row in rows:
-            if row.model == models[-1].name and row.runtime == "onnxruntime" and row.status == "ok":
+            if row.model == model.name and row.runtime == "onnxruntime" and row.status == "ok":
                 row.accuracy = accuracy
     end_to_end = []
-    if cfg.end_to_end_repeats > 0:
-        target = models[-1] if cfg.graph else next((m for m in models if m.arch == "mobilenet_0.50_224"), models[0])
+    if cfg.end_to_end_repeats > 0 and models:
+        trained = [m for m in models if m.trained]
+        target = trained[0] if trained else next((m for m in models if m.arch == "mobilenet_0.50_224"), models[0])
         if target.onnx.exists():
             on_step(f"end to end: classify one image with {target.name}")
             end_to_end.append(_end_to_end(target, _sample_image(cfg), cfg))
@@ -300,8 +301,8 @@ def run(cfg: BenchConfig, on_step: Callable[[str], None] = lambda s: None) -> Be
 
 def steps(cfg: BenchConfig) -> int:
     """How many on_step calls run() makes (for a progress bar)."""
-    models = len(cfg.architectures) + (1 if cfg.graph else 0)
-    return models * (1 + len(cfg.runtimes) * len(cfg.threads)) + (1 if cfg.graph and cfg.image_dir else 0) + (
+    models = len(cfg.architectures) + len(cfg.graphs)
+    return models * (1 + len(cfg.runtimes) * len(cfg.threads)) + (len(cfg.graphs) if cfg.image_dir else 0) + (
         1 if cfg.end_to_end_repeats > 0 else 0)
 
 

@@ -41,6 +41,8 @@ TRAIN_HELP = {
     "print_misclassified_test_images": "list the test images the model gets wrong",
     "bottleneck_batch_size": "images per network call when computing bottlenecks",
     "seed": "random seed of the head's training",
+    "quantize": "also write <graph>.int8.onnx: static int8 (QDQ), head re-fitted to it (none or int8)",
+    "max_accuracy_drop": "with --quantize int8: points of test accuracy the int8 model may lose, else not written",
 }
 
 
@@ -70,7 +72,8 @@ def _add_train(sub) -> None:
             p.add_argument(flag, action="store_true", help=TRAIN_HELP[f.name])
         else:
             kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-            p.add_argument(flag, type=kind, default=f.default, help=TRAIN_HELP[f.name], required=f.name == "image_dir")
+            p.add_argument(flag, type=kind, default=f.default, help=TRAIN_HELP[f.name], required=f.name == "image_dir",
+                           choices=["none", "int8"] if f.name == "quantize" else None)
 
 
 def _add_classify(sub) -> None:
@@ -105,7 +108,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--architectures", nargs="+", help=f"models to bench (default: {' '.join(DEFAULT_ARCHITECTURES)})")
     p.add_argument("--full", action="store_true", help="the 16 MobileNet v1 sizes and Inception V3")
     p.add_argument("--quick", action="store_true", help="a smoke test that finishes in under a minute")
-    p.add_argument("--graph", help="also bench this trained flowerx model")
+    p.add_argument("--graph", nargs="+", default=[], help="also bench these trained flowerx models (float, int8)")
     p.add_argument("--image-dir", help="labelled folder: adds the trained model's accuracy")
     p.add_argument("--model-dir", help="pretrained weights folder (default: Keras' cache)")
     p.add_argument("--work-dir", default=".flowerx/bench", help="where prepared models are kept (default: .flowerx/bench)")
@@ -117,6 +120,14 @@ def _add_bench(sub) -> None:
     p.add_argument("--json", metavar="PATH", help="write the results (with the machine's description) as JSON")
     p.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
     p.add_argument("--plot", metavar="PATH", help="draw latency vs. accuracy (or MACs) to a PNG")
+
+
+def _add_export_int8(sub) -> None:
+    p = sub.add_parser("export-int8", help="write an int8 (static QDQ) copy of a trained model, if accurate enough")
+    p.add_argument("--graph", default="model.onnx", help="the trained float model (default: model.onnx)")
+    p.add_argument("--image-dir", required=True, help="the labelled folder it was trained on (calibration, test)")
+    p.add_argument("--max-accuracy-drop", type=float, default=1.0,
+                   help="points of test accuracy the int8 model may lose, else it is not written (default: 1.0)")
 
 
 def _add_download(sub) -> None:
@@ -134,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_classify(sub)
     _add_evaluate(sub)
     _add_bench(sub)
+    _add_export_int8(sub)
     _add_download(sub)
     return parser
 
@@ -151,6 +163,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         out.print("=== MISCLASSIFIED TEST IMAGES ===")
         for relpath, predicted, true in result.misclassified:
             out.print(f"{relpath:>70}  predicted {predicted}, is {true}")
+    if result.int8 is not None:
+        out.print(result.int8.message, style=None if result.int8.written else "yellow")
     t = result.timings
     out.print(
         f"Wrote {result.output_graph} and {result.output_labels} "
@@ -254,7 +268,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.quick and args.full:
         raise FlowerxError("--quick and --full exclude each other")
     options = {k: v for k, v in dict(
-        graph=args.graph, image_dir=args.image_dir, model_dir=args.model_dir, work_dir=args.work_dir,
+        graphs=tuple(args.graph) or None, image_dir=args.image_dir, model_dir=args.model_dir, work_dir=args.work_dir,
         runtimes=tuple(args.runtimes) if args.runtimes else None, threads=tuple(args.threads) if args.threads else None,
         runs=args.runs, seconds=args.seconds, batch=args.batch,
         architectures=bench.FULL_ARCHITECTURES if args.full else args.architectures,
@@ -303,6 +317,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_int8(args: argparse.Namespace) -> int:
+    from .quantize import export_int8
+
+    result = export_int8(args.graph, args.image_dir, args.max_accuracy_drop, err)
+    if not result.written:
+        err.print(f"error: {result.message}")
+        return 1
+    out.print(result.message)
+    return 0
+
+
 def cmd_download_flowers(args: argparse.Namespace) -> int:
     from .data import download_flowers
 
@@ -312,7 +337,7 @@ def cmd_download_flowers(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "classify": cmd_classify, "evaluate": cmd_evaluate, "bench": cmd_bench,
-            "download-flowers": cmd_download_flowers}
+            "export-int8": cmd_export_int8, "download-flowers": cmd_download_flowers}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,8 @@ class TrainConfig:
     print_misclassified_test_images: bool = False
     bottleneck_batch_size: int = 32
     seed: int = 0
+    quantize: str = "none"  # "int8": also write <graph>.int8.onnx (static QDQ, head re-fitted)
+    max_accuracy_drop: float = 1.0  # points of test accuracy the int8 model may lose, else it is not written
 
     def check(self) -> None:
         """Reject impossible settings with one clear message."""
@@ -66,6 +68,8 @@ class TrainConfig:
                 "--testing-percentage + --validation-percentage must leave images to train on "
                 f"(they add up to {self.testing_percentage + self.validation_percentage})"
             )
+        if self.quantize not in ("none", "int8"):
+            raise FlowerxError(f"--quantize must be none or int8, not {self.quantize!r}")
         for name in ("validation_batch_size", "test_batch_size"):
             if getattr(self, name) == 0 or getattr(self, name) < -1:
                 raise FlowerxError(f"--{name.replace('_', '-')} must be positive or -1 (all)")
@@ -90,6 +94,7 @@ class TrainResult:
     parity_max_diff: float
     timings: dict[str, float] = field(default_factory=dict)
     misclassified: list[tuple[str, str, str]] = field(default_factory=list)  # (relpath, predicted, true)
+    int8: object | None = None  # quantize.Int8Result when --quantize int8
 
 
 class _Networks:
@@ -335,6 +340,14 @@ def run(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
     atomic_write(cfg.output_graph, data)
     atomic_write(cfg.labels_path, ("\n".join(dataset.labels) + "\n").encode())
     timings["export_s"] = time.perf_counter() - t
+    int8 = None
+    if cfg.quantize == "int8":
+        from .quantize import export_int8
+
+        t = time.perf_counter()
+        int8 = export_int8(cfg.output_graph, cfg.image_dir, cfg.max_accuracy_drop, console,
+                           cfg.how_many_training_steps, cfg.learning_rate, cfg.seed)
+        timings["int8_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
 
     return TrainResult(
@@ -342,5 +355,5 @@ def run(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
         split_counts={k: int(len(v)) for k, v in splits.items()}, test_accuracy=test_acc,
         test_count=int(len(test_idx)), validation_accuracy=val_acc, output_graph=str(cfg.output_graph),
         output_labels=str(cfg.labels_path), bottlenecks=stats, parity_max_diff=diff, timings=timings,
-        misclassified=misclassified,
+        misclassified=misclassified, int8=int8,
     )
