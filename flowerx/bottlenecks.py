@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .architectures import Architecture
-from .data import ImageItem, prepare_image
+from .data import Distortion, ImageItem, open_image, prepare_image
 from .errors import FlowerxError, ImageError
 
 # Bump when the decode rule or the features change, so old entries are never mixed with new ones.
@@ -41,10 +41,15 @@ class BottleneckStats:
 class BottleneckCache:
     """Files under <root>/<architecture>-<weights>-<version>/<key[:2]>/<key>.npy; keys are hex digests only."""
 
-    def __init__(self, root: str | os.PathLike, arch: Architecture, weights_id: str = "imagenet"):
-        """weights_id names the weights the features come from (a hash of the file): other weights, other entries."""
+    def __init__(self, root: str | os.PathLike, arch: Architecture, weights_id: str = "imagenet",
+                 layer: str = "", shape: tuple[int, ...] | None = None, dtype: str = "float32"):
+        """weights_id names the weights the features come from (a hash of the file): other weights, other
+        entries. layer/shape/dtype: entries of an inner layer's activations (for fine-tuning) instead of the
+        pooled features."""
         self.arch = arch
-        self.dir = Path(root).expanduser() / f"{arch.name}-{weights_id}-{CACHE_VERSION}"
+        self.shape, self.dtype = shape or (arch.feature_dim,), np.dtype(dtype)
+        suffix = f"-{layer}" if layer else ""
+        self.dir = Path(root).expanduser() / f"{arch.name}-{weights_id}-{CACHE_VERSION}{suffix}"
         self._made: set[str] = set()  # prefix folders known to exist
 
     @staticmethod
@@ -67,7 +72,7 @@ class BottleneckCache:
             return None
         except Exception as e:  # truncated, garbage, wrong header
             raise ValueError(f"unreadable cache entry {path.name}: {e}") from None
-        if vector.shape != (self.arch.feature_dim,) or vector.dtype != np.float32 or not np.isfinite(vector).all():
+        if vector.shape != self.shape or vector.dtype != self.dtype or not np.isfinite(vector).all():
             raise ValueError(f"cache entry {path.name} has shape {vector.shape} {vector.dtype}")
         return vector
 
@@ -76,7 +81,7 @@ class BottleneckCache:
         on the worker threads, so it avoids pathlib and buffered files (load() verifies what it reads, so
         no fsync either)."""
         buffer = io.BytesIO()
-        np.save(buffer, np.ascontiguousarray(vector, dtype=np.float32), allow_pickle=False)
+        np.save(buffer, np.ascontiguousarray(vector, dtype=self.dtype), allow_pickle=False)
         path = str(self.path(key))
         folder = os.path.dirname(path)
         if folder not in self._made:
@@ -101,14 +106,14 @@ def _batches(seq: Sequence, size: int) -> Iterator[Sequence]:
         yield seq[start : start + size]
 
 
-def _allocate(n: int, dim: int, folder: Path) -> np.ndarray:
+def _allocate(shape: tuple[int, ...], dtype: np.dtype, folder: Path) -> np.ndarray:
     """The feature matrix: in memory when small, else a memory-mapped scratch file (datasets of millions)."""
-    if n * dim * 4 <= IN_MEMORY_LIMIT:
-        return np.zeros((n, dim), np.float32)
+    if int(np.prod(shape)) * dtype.itemsize <= IN_MEMORY_LIMIT:
+        return np.zeros(shape, dtype)
     folder.mkdir(parents=True, exist_ok=True)
     handle = tempfile.NamedTemporaryFile(dir=folder, prefix=".features-", suffix=".npy", delete=False)
     handle.close()
-    matrix = np.lib.format.open_memmap(handle.name, mode="w+", dtype=np.float32, shape=(n, dim))
+    matrix = np.lib.format.open_memmap(handle.name, mode="w+", dtype=dtype, shape=shape)
     os.unlink(handle.name)  # the mapping stays valid; the file goes away with the process
     return matrix
 
@@ -121,8 +126,12 @@ def get_bottlenecks(
     workers: int | None = None,
     on_progress: Callable[[int], None] = lambda n: None,
     on_warning: Callable[[str], None] = lambda msg: None,
+    view: tuple[Distortion, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, BottleneckStats]:
     """Features for items, from the cache or computed in batches.
+
+    view=(distortion, k): the features of each image's k-th distorted view instead, cached under a key of
+    the image's bytes, the distortion settings and k (the same view every run, so reruns compute nothing).
 
     Each of `workers` threads takes a batch of images, reads each file once (its hash is the cache key),
     loads what is cached, decodes the rest, runs the model on them and stores the results; file reads,
@@ -132,7 +141,7 @@ def get_bottlenecks(
     Returns (features [n, D], ok mask [n], stats); rows of failed images are zero and not ok.
     """
     workers = workers or os.cpu_count() or 1
-    features = _allocate(len(items), cache.arch.feature_dim, cache.dir)
+    features = _allocate((len(items), *cache.shape), cache.dtype, cache.dir)
     ok = np.zeros(len(items), bool)
     stats = BottleneckStats()
     model_lock = threading.Lock()
@@ -155,6 +164,8 @@ def get_bottlenecks(
                 results.append(("failed", f"cannot read file ({e.strerror or e})"))
                 continue
             key, status = BottleneckCache.key(data), "computed"
+            if view is not None:
+                key = BottleneckCache.key(f"{key}|{view[0].id}|{view[1]}".encode())
             try:
                 vector = cache.load(key)
             except ValueError as e:
@@ -164,12 +175,17 @@ def get_bottlenecks(
                 results.append(("cached", vector))
                 continue
             try:
-                todo.append((pos, key, prepare_image(data, cache.arch.input_size)))
+                size = cache.arch.input_size
+                if view is None:
+                    image = prepare_image(data, size)
+                else:
+                    image = view[0].apply(open_image(data, min_size=size * 3 // 2), size, seed=int(key[:15], 16))
+                todo.append((pos, key, image))
                 results.append((status, None))
             except ImageError as e:
                 results.append(("failed", e.reason))
         if todo:
-            out = np.asarray(get_model()(np.stack([image for _, _, image in todo])), np.float32)
+            out = np.asarray(get_model()(np.stack([image for _, _, image in todo])), cache.dtype)
             for (pos, key, _), vector in zip(todo, out):
                 cache.store(key, vector)
                 results[pos] = (results[pos][0], vector)

@@ -190,3 +190,38 @@ def download_flowers(dest_dir: str | os.PathLike) -> Path:
         return extract_tar(archive, final, inner="flower_photos")
     finally:
         archive.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Distortion:
+    """retrain.py's distortions, applied before the network: a view is a random crop of a randomly scaled
+    image, maybe mirrored, with its brightness scaled. Percentages as in retrain.py's flags."""
+
+    flip_left_right: bool = False
+    random_crop: float = 0.0  # margin around the crop, % of the side
+    random_scale: float = 0.0  # extra up-scaling before the crop, up to this %
+    random_brightness: float = 0.0  # brightness multiplied by 1 +- up to this %
+
+    @property
+    def active(self) -> bool:
+        return self.flip_left_right or any((self.random_crop, self.random_scale, self.random_brightness))
+
+    @property
+    def id(self) -> str:
+        """Identifies the settings in cache keys: other settings, other views."""
+        return (f"flip={int(self.flip_left_right)},crop={self.random_crop:g},scale={self.random_scale:g},"
+                f"brightness={self.random_brightness:g}")
+
+    def apply(self, image: Image.Image, size: int, seed: int) -> np.ndarray:
+        """One view of image as uint8 [S, S, 3]; the same seed gives the same view."""
+        rng = np.random.default_rng(seed)
+        side = size * (1 + self.random_crop / 100) * rng.uniform(1, 1 + self.random_scale / 100)
+        side = max(size, int(round(side)))
+        scaled = np.asarray(image.resize((side, side), Image.BILINEAR), dtype=np.float32)
+        top, left = rng.integers(0, side - size + 1, 2)
+        view = scaled[top : top + size, left : left + size]
+        if self.flip_left_right and rng.random() < 0.5:
+            view = view[:, ::-1]
+        if self.random_brightness:
+            view = view * rng.uniform(1 - self.random_brightness / 100, 1 + self.random_brightness / 100)
+        return np.clip(np.rint(view), 0, 255).astype(np.uint8)

@@ -103,3 +103,33 @@ def test_cache_keys_cannot_escape_the_cache_dir(tmp_path):
     cache = BottleneckCache(tmp_path, ARCH)
     with pytest.raises(ValueError):
         cache.path("../../etc/passwd")
+
+
+def test_distorted_views_are_cached_per_setting_and_view(dataset, tmp_path):
+    from flowerx.data import Distortion
+
+    cache = BottleneckCache(tmp_path / "cache", ARCH)
+    plain, *_ = run(dataset, cache, FakeNet())
+    flip = Distortion(flip_left_right=True, random_crop=20, random_brightness=30)
+    one, ok, stats, built = run(dataset, cache, FakeNet(), view=(flip, 1))
+    assert stats.computed == 10 and ok.all() and built
+    assert not np.allclose(one, plain)  # a view is not the plain image
+    again, _, stats, built = run(dataset, cache, FakeNet(), view=(flip, 1))
+    assert stats.cached == 10 and not built and np.array_equal(again, one)  # same view, from the cache
+    _, _, stats, _ = run(dataset, cache, FakeNet(), view=(flip, 2))
+    assert stats.computed == 10  # another view index: new views
+    other = Distortion(flip_left_right=True, random_crop=20, random_brightness=31)
+    _, _, stats, _ = run(dataset, cache, FakeNet(), view=(other, 1))
+    assert stats.computed == 10  # other settings: new views
+
+
+def test_distortion_is_deterministic_and_bounded():
+    from PIL import Image
+
+    from flowerx.data import Distortion
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    d = Distortion(flip_left_right=True, random_crop=10, random_scale=20, random_brightness=10)
+    assert np.array_equal(d.apply(image, 16, seed=3), d.apply(image, 16, seed=3))
+    assert not np.array_equal(d.apply(image, 16, seed=3), d.apply(image, 16, seed=4))
+    assert d.apply(image, 16, seed=3).shape == (16, 16, 3) and d.active and not Distortion().active
