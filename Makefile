@@ -29,7 +29,10 @@ test: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	test -f runs/mobilenet_1.0_224/model.onnx || $(MAKE) demo ARCH=mobilenet_1.0_224
-	$(BIN)/flowerx bench --model-dir $(SHARED)/models --graph runs/mobilenet_1.0_224/model.onnx \
+	test -f runs/mobilenet_1.0_224/model.int8.onnx || $(BIN)/flowerx export-int8 \
+		--graph runs/mobilenet_1.0_224/model.onnx --image-dir $(SHARED)/flower_photos
+	$(BIN)/flowerx bench --model-dir $(SHARED)/models \
+		--graph runs/mobilenet_1.0_224/model.onnx runs/mobilenet_1.0_224/model.int8.onnx \
 		--architectures mobilenet_1.0_224 mobilenet_0.75_224 mobilenet_0.50_224 mobilenet_0.25_224 \
 		--image-dir $(SHARED)/flower_photos --json $(RESULTS)/inference_default.json \
 		--csv $(RESULTS)/inference_default.csv --plot $(RESULTS)/inference_default.png
