@@ -290,6 +290,51 @@ def train_head(
     return kernel.numpy(), bias.numpy(), val_acc
 
 
+def _with_views(cfg: TrainConfig, console: Console, items: Sequence[ImageItem], features: np.ndarray,
+                labels: np.ndarray, splits: dict[str, np.ndarray], cache: BottleneckCache, networks: _Networks,
+                timings: dict[str, float]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """The head's training set grown by the distorted views of each training image (cached like the
+    bottlenecks): returns (features, labels, splits) with the views' rows appended to the train split."""
+    t = time.perf_counter()
+    train = splits["train"]
+    rows, ys, train_rows, computed = [features], [labels], [train], 0
+    for k in range(1, cfg.distorted_views + 1):
+        view, ok, stats = _pass(console, f"View {k}/{cfg.distorted_views}", [items[i] for i in train], cache,
+                                networks.batch_fn, cfg.bottleneck_batch_size, view=(cfg.distortion, k))
+        train_rows.append(sum(map(len, rows)) + np.arange(ok.sum()))
+        rows.append(view[ok])
+        ys.append(labels[train][ok])
+        computed += stats.computed
+    timings["views_s"] = time.perf_counter() - t
+    console.print(f"Distorted views ({cfg.distortion.id}): {cfg.distorted_views} per training image, "
+                  f"{computed} computed ({timings['views_s']:.1f} s)", highlight=False)
+    return np.concatenate(rows), np.concatenate(ys), {**splits, "train": np.concatenate(train_rows)}
+
+
+def _fine_tune(cfg: TrainConfig, console: Console, arch: Architecture, items: Sequence[ImageItem], labels: np.ndarray,
+               splits: dict[str, np.ndarray], kernel: np.ndarray, bias: np.ndarray, networks: _Networks,
+               weights_id: str, timings: dict[str, float]):
+    """Fine-tune the top blocks on cached trunk activations; returns (FineTuneResult, the tuned feature
+    network as ONNX)."""
+    from exporters.onnx_export import keras_to_onnx
+
+    from .finetune import cut_layer, fine_tune, trunk_model
+
+    t = time.perf_counter()
+    trunk, shape = trunk_model(networks.base(), arch, cfg.fine_tune_blocks)
+    layer = cut_layer(arch, cfg.fine_tune_blocks)
+    trunk_cache = BottleneckCache(cfg.bottleneck_dir, arch, weights_id, layer, shape, "float16")
+    activations, _, _ = _pass(console, f"Cache {layer}", items, trunk_cache,
+                              lambda: networks.batch_fn(f"{layer}.onnx", lambda: trunk), cfg.bottleneck_batch_size)
+    tuned = fine_tune(networks.base(), arch, cfg.fine_tune_blocks, activations, labels, splits, kernel, bias,
+                      cfg.fine_tune_learning_rate, cfg.fine_tune_epochs, 32, cfg.seed, console)
+    timings["fine_tune_s"] = time.perf_counter() - t
+    console.print(f"Fine-tuned the top {cfg.fine_tune_blocks} block(s) for {tuned.epochs} epoch(s) (best "
+                  f"validation accuracy {tuned.validation_accuracy * 100:.1f}%, {timings['fine_tune_s']:.1f} s)",
+                  highlight=False)
+    return tuned, keras_to_onnx(networks.keras(), arch.input_size, output="features")
+
+
 def run(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
     """The whole job: data -> bottlenecks -> head -> test accuracy -> ONNX export."""
     console = console or Console(stderr=True)
@@ -332,23 +377,12 @@ def run(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
     missing = [dataset.labels[c] for c in range(len(dataset.labels)) if not (labels[splits["train"]] == c).any()]
     if missing:
         console.print(f"[yellow]warning:[/] no training images for: {', '.join(missing)}", highlight=False)
+    if cfg.fine_tune_blocks and not len(splits["validation"]):
+        raise FlowerxError("fine-tuning stops early on validation accuracy: it needs --validation-percentage > 0")
     head_x, head_y, head_splits = features, labels, splits
-    if cfg.distortion.active:  # distorted views of the training images, cached like the bottlenecks
-        t = time.perf_counter()
-        train_items = [dataset.items[i] for i in splits["train"]]
-        views, computed = [features], 0
-        for k in range(1, cfg.distorted_views + 1):
-            view, view_ok, view_stats = _pass(console, f"View {k}/{cfg.distorted_views}", train_items, cache, networks.batch_fn,
-                                              cfg.bottleneck_batch_size, view=(cfg.distortion, k))
-            views.append(view[view_ok])
-            head_splits = {**head_splits, "train": np.concatenate([head_splits["train"], sum(map(len, views[:-1]))
-                                                                  + np.arange(view_ok.sum())])}
-            head_y = np.concatenate([head_y, labels[splits["train"]][view_ok]])
-            computed += view_stats.computed
-        head_x = np.concatenate(views)
-        timings["views_s"] = time.perf_counter() - t
-        console.print(f"Distorted views ({cfg.distortion.id}): {cfg.distorted_views} per training image, "
-                      f"{computed} computed ({timings['views_s']:.1f} s)", highlight=False)
+    if cfg.distortion.active:
+        head_x, head_y, head_splits = _with_views(cfg, console, dataset.items, features, labels, splits, cache,
+                                                  networks, timings)
 
     # The softmax layer, with TensorBoard summaries.
     summary_dir = None
@@ -364,26 +398,9 @@ def run(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
     predicted = predict_logits(features, test_idx, kernel, bias).argmax(1)
     features_proto = None  # the cached features.onnx, unless fine-tuning changed the network
     if cfg.fine_tune_blocks:
-        from exporters.onnx_export import keras_to_onnx
-
-        from .finetune import cut_layer, fine_tune, trunk_model
-
-        if not len(splits["validation"]):
-            raise FlowerxError("fine-tuning stops early on validation accuracy: it needs --validation-percentage > 0")
-        t = time.perf_counter()
-        trunk, shape = trunk_model(networks.base(), arch, cfg.fine_tune_blocks)
-        layer = cut_layer(arch, cfg.fine_tune_blocks)
-        trunk_cache = BottleneckCache(cfg.bottleneck_dir, arch, weights_id, layer, shape, "float16")
-        activations, _, _ = _pass(console, f"Cache {layer}", dataset.items, trunk_cache,
-                                  lambda: networks.batch_fn(f"{layer}.onnx", lambda: trunk), cfg.bottleneck_batch_size)
-        tuned = fine_tune(networks.base(), arch, cfg.fine_tune_blocks, activations, labels, {**splits, "test": test_idx},
-                          kernel, bias, cfg.fine_tune_learning_rate, cfg.fine_tune_epochs, 32, cfg.seed, console)
-        del activations
+        tuned, features_proto = _fine_tune(cfg, console, arch, dataset.items, labels, {**splits, "test": test_idx},
+                                           kernel, bias, networks, weights_id, timings)
         kernel, bias, val_acc, predicted = tuned.kernel, tuned.bias, tuned.validation_accuracy, tuned.test_predictions
-        features_proto = keras_to_onnx(networks.keras(), arch.input_size, output="features")
-        timings["fine_tune_s"] = time.perf_counter() - t
-        console.print(f"Fine-tuned the top {cfg.fine_tune_blocks} block(s) for {tuned.epochs} epoch(s) (best "
-                      f"validation accuracy {val_acc * 100:.1f}%, {timings['fine_tune_s']:.1f} s)", highlight=False)
     test_acc = float((predicted == labels[test_idx]).mean()) if len(test_idx) else float("nan")
     misclassified = [
         (dataset.items[i].relpath, dataset.labels[p], dataset.labels[labels[i]])
