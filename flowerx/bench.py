@@ -265,13 +265,7 @@ def run(cfg: BenchConfig, on_step: Callable[[str], None] = lambda s: None) -> Be
         for runtime in cfg.runtimes:
             for threads in cfg.threads:
                 on_step(f"{model.name}: {runtime}, {threads} thread{'s' if threads > 1 else ''}")
-                if problem and runtime != "onnxruntime":
-                    rows.append(Row(model.name, runtime, threads, "trained" if model.trained else "?",
-                                    status=f"skipped: {problem}"))
-                elif problem and not model.onnx.exists():
-                    rows.append(Row(model.name, runtime, threads, "?", status=f"failed: {problem}"))
-                else:
-                    rows.append(_measure(model, runtime, threads, cfg))
+                rows.append(_measure(model, runtime, threads, cfg))  # says "skipped: ..." for what is missing
     for row in rows:  # ratios against flowerx's predictor in the same run
         base = next((r for r in rows if r.model == row.model and r.threads == row.threads
                      and r.runtime == "onnxruntime" and r.median_ms), None)
