@@ -291,23 +291,23 @@ def train_head(
 
 
 def _with_views(cfg: TrainConfig, console: Console, items: Sequence[ImageItem], features: np.ndarray,
-                labels: np.ndarray, splits: dict[str, np.ndarray], cache: BottleneckCache, networks: _Networks,
-                timings: dict[str, float]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """The head's training set grown by the distorted views of each training image (cached like the
-    bottlenecks): returns (features, labels, splits) with the views' rows appended to the train split."""
+                labels: np.ndarray, splits: dict[str, np.ndarray], cache: BottleneckCache, make_model: Callable,
+                timings: dict[str, float], what: str = "views") -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """A training set grown by the distorted views of each training image (cached like the bottlenecks):
+    returns (features, labels, splits) with the views' rows appended to the train split."""
     t = time.perf_counter()
     train = splits["train"]
     rows, ys, train_rows, computed = [features], [labels], [train], 0
     for k in range(1, cfg.distorted_views + 1):
-        view, ok, stats = _pass(console, f"View {k}/{cfg.distorted_views}", [items[i] for i in train], cache,
-                                networks.batch_fn, cfg.bottleneck_batch_size, view=(cfg.distortion, k))
+        view, ok, stats = _pass(console, f"{what} {k}/{cfg.distorted_views}", [items[i] for i in train], cache,
+                                make_model, cfg.bottleneck_batch_size, view=(cfg.distortion, k))
         train_rows.append(sum(map(len, rows)) + np.arange(ok.sum()))
         rows.append(view[ok])
         ys.append(labels[train][ok])
         computed += stats.computed
-    timings["views_s"] = time.perf_counter() - t
-    console.print(f"Distorted views ({cfg.distortion.id}): {cfg.distorted_views} per training image, "
-                  f"{computed} computed ({timings['views_s']:.1f} s)", highlight=False)
+    timings[f"{what}_s"] = time.perf_counter() - t
+    console.print(f"Distorted {what} ({cfg.distortion.id}): {cfg.distorted_views} per training image, "
+                  f"{computed} computed ({timings[f'{what}_s']:.1f} s)", highlight=False)
     return np.concatenate(rows), np.concatenate(ys), {**splits, "train": np.concatenate(train_rows)}
 
 
@@ -324,8 +324,11 @@ def _fine_tune(cfg: TrainConfig, console: Console, arch: Architecture, items: Se
     trunk, shape = trunk_model(networks.base(), arch, cfg.fine_tune_blocks)
     layer = cut_layer(arch, cfg.fine_tune_blocks)
     trunk_cache = BottleneckCache(cfg.bottleneck_dir, arch, weights_id, layer, shape, "float16")
-    activations, _, _ = _pass(console, f"Cache {layer}", items, trunk_cache,
-                              lambda: networks.batch_fn(f"{layer}.onnx", lambda: trunk), cfg.bottleneck_batch_size)
+    make_trunk = lambda: networks.batch_fn(f"{layer}.onnx", lambda: trunk)  # noqa: E731
+    activations, _, _ = _pass(console, f"Cache {layer}", items, trunk_cache, make_trunk, cfg.bottleneck_batch_size)
+    if cfg.distortion.active:  # fine-tune on the distorted views too
+        activations, labels, splits = _with_views(cfg, console, items, activations, labels, splits, trunk_cache,
+                                                  make_trunk, timings, what=f"{layer} views")
     tuned = fine_tune(networks.base(), arch, cfg.fine_tune_blocks, activations, labels, splits, kernel, bias,
                       cfg.fine_tune_learning_rate, cfg.fine_tune_epochs, 32, cfg.seed, console)
     timings["fine_tune_s"] = time.perf_counter() - t
@@ -382,7 +385,7 @@ def run(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
     head_x, head_y, head_splits = features, labels, splits
     if cfg.distortion.active:
         head_x, head_y, head_splits = _with_views(cfg, console, dataset.items, features, labels, splits, cache,
-                                                  networks, timings)
+                                                  networks.batch_fn, timings)
 
     # The softmax layer, with TensorBoard summaries.
     summary_dir = None

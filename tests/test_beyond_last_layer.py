@@ -50,5 +50,9 @@ def test_fine_tuning_exports_the_tuned_network_with_the_same_contract(shared, tm
     assert head_only.returncode == 0
     same = Predictor(tmp_path / "plain" / "model.onnx").predict(shared / DAISY) == tuned.predict(shared / DAISY)
     assert same == (epochs == 0), (epochs, result.stdout)
+    with_views = train(shared, data, tmp_path, "--fine-tune-blocks", "1", "--fine-tune-epochs", "2",
+                       "--flip_left_right", "--distorted_views", "1")
+    assert with_views.returncode == 0, with_views.stdout + with_views.stderr
+    assert re.search(r"Distorted conv_pw_12_relu views \(flip=1.*\): 1 per training image, \d+ computed", with_views.stdout)
     bad = train(shared, data, tmp_path, "--fine-tune-blocks", "20")
     assert bad.returncode == 2 and "must be 1-12" in bad.stderr and "Traceback" not in bad.stderr
