@@ -237,7 +237,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     with Progress(console=err, transient=True) as progress:
         task = progress.add_task("Evaluating", total=None)
         report = evaluate(predictor, args.image_dir, args.split, on_progress=lambda n: progress.advance(task, n))
-    for relpath, reason in report.failed:
+    for _, reason in report.failed:
         err.print(f"[yellow]warning:[/] skipped {reason}")
     if args.output:
         from .fileio import atomic_write
