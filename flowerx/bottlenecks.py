@@ -91,7 +91,9 @@ class BottleneckCache:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                os.write(fd, buffer.getbuffer())
+                view = buffer.getbuffer()
+                while view:
+                    view = view[os.write(fd, view) :]
             finally:
                 os.close(fd)
             os.replace(tmp, path)
@@ -179,7 +181,8 @@ def get_bottlenecks(
                 if view is None:
                     image = prepare_image(data, size)
                 else:
-                    image = view[0].apply(open_image(data, min_size=size * 3 // 2), size, seed=int(key[:15], 16))
+                    image = view[0].apply(open_image(data, min_size=view[0].largest_side(size)), size,
+                                          seed=int(key[:15], 16))
                 todo.append((pos, key, image))
                 results.append((status, None))
             except ImageError as e:

@@ -24,8 +24,11 @@ from .fileio import download, extract_tar
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MAX_PERCENT = 2**27 - 1  # as in retrain.py: fine-grained, stable buckets
 RESIZE_RULE = "bilinear"  # whole image to S x S, no crop; recorded in the model's metadata
-# Raise the decompression-bomb warning into an error: a 3-gigapixel "photo" is an attack, not data.
+# A 3-gigapixel "photo" is an attack, not data. PIL warns above this size (and refuses above twice it);
+# flowerx refuses above it: the size check in open_image is explicit, and the warning (set to an error once
+# here, since warnings.catch_warnings is not thread-safe and decoding runs on thread pools) can't slip by.
 Image.MAX_IMAGE_PIXELS = 120_000_000
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 
@@ -102,21 +105,20 @@ def open_image(source: ImageSource, min_size: int | None = None) -> Image.Image:
     """
     name = str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
     try:
-        with warnings.catch_warnings():
-            # A decompression-bomb warning (raised at open or at load) becomes an error.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            if isinstance(source, Image.Image):
-                image = source
-            elif isinstance(source, np.ndarray):
-                return _from_array(source)
-            else:
-                data = source if isinstance(source, bytes) else Path(source).read_bytes()
-                if not data:
-                    raise ImageError(name, "empty file")
-                image = Image.open(io.BytesIO(data))
-                if min_size and image.format == "JPEG":
-                    image.draft("RGB", (min_size, min_size))
-            image = ImageOps.exif_transpose(image)  # loads the pixels (first frame/page); honours EXIF orientation
+        if isinstance(source, np.ndarray):
+            return _from_array(source)
+        if isinstance(source, Image.Image):
+            image = source
+        else:
+            data = source if isinstance(source, bytes) else Path(source).read_bytes()
+            if not data:
+                raise ImageError(name, "empty file")
+            image = Image.open(io.BytesIO(data))
+        if image.width * image.height > Image.MAX_IMAGE_PIXELS:
+            raise Image.DecompressionBombError(name)
+        if min_size and image.format == "JPEG":  # also an unloaded PIL JPEG: same pixels as from its bytes
+            image.draft("RGB", (min_size, min_size))
+        image = ImageOps.exif_transpose(image)  # loads the pixels (first frame/page); honours EXIF orientation
         return _to_rgb(image)
     except ImageError:
         raise
@@ -211,6 +213,10 @@ class Distortion:
         """Identifies the settings in cache keys: other settings, other views."""
         return (f"flip={int(self.flip_left_right)},crop={self.random_crop:g},scale={self.random_scale:g},"
                 f"brightness={self.random_brightness:g}")
+
+    def largest_side(self, size: int) -> int:
+        """The largest side a view is cut from (the JPEG decode needs no more)."""
+        return int(np.ceil(size * (1 + self.random_crop / 100) * (1 + self.random_scale / 100)))
 
     def apply(self, image: Image.Image, size: int, seed: int) -> np.ndarray:
         """One view of image as uint8 [S, S, 3]; the same seed gives the same view."""

@@ -43,8 +43,20 @@ def atomic_write(path: str | os.PathLike, data: bytes, durable: bool = True) -> 
             tmp.unlink()
     if durable:
         for stale in glob.glob(glob.escape(str(path.parent / f".{path.name}.")) + "*.tmp"):
-            if not stale.endswith(f".{os.getpid()}.{threading.get_ident()}.tmp"):
+            if not _writer_alive(stale):
                 Path(stale).unlink(missing_ok=True)
+
+
+def _writer_alive(tmp: str) -> bool:
+    """Whether the process that named this temporary file (.<name>.<pid>.<thread>.tmp) still runs."""
+    try:
+        pid = int(tmp.rsplit(".", 3)[-3])
+        os.kill(pid, 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
 
 
 def file_hash(path: str | os.PathLike, algorithm: str = "sha256") -> str:
@@ -64,8 +76,11 @@ def download(url: str, dest: Path, expected_hash: str | None = None, timeout: fl
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            expected = response.headers.get("Content-Length") if hasattr(response, "headers") else None
             for chunk in iter(lambda: response.read(1 << 20), b""):
                 out.write(chunk)
+            if expected is not None and out.tell() != int(expected):
+                raise FlowerxError(f"download of {url} was cut off ({out.tell()} of {expected} bytes)")
         if expected_hash:
             algorithm = "md5" if len(expected_hash) == 32 else "sha256"
             actual = file_hash(tmp, algorithm)
@@ -95,8 +110,8 @@ def extract_tar(archive: Path, dest: Path, inner: str = "") -> Path:
         if not (work / inner).is_dir():
             raise FlowerxError(f"{archive.name} has no folder {inner!r}")
         os.replace(work / inner, dest)
-    except (tarfile.TarError, OSError) as e:
-        raise FlowerxError(f"cannot unpack {archive.name}: {e}") from None
+    except (tarfile.TarError, OSError, EOFError) as e:  # EOFError: a truncated archive
+        raise FlowerxError(f"cannot unpack {archive.name}: {e or 'truncated archive'}") from None
     finally:
         if work.exists():
             shutil.rmtree(work)

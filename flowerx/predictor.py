@@ -65,7 +65,9 @@ class Predictor:
 
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self.labels, self.input_size = self._read_contract(labels, input_size)
-        self.resize = self.metadata.get("resize", RESIZE_RULE)
+        if self.metadata.get("resize", RESIZE_RULE) != RESIZE_RULE:
+            raise FlowerxError(f"{self.path.name} wants resize rule {self.metadata['resize']!r}; flowerx feeds "
+                               f"{RESIZE_RULE!r} only")
         self._input = self.session.get_inputs()[0].name
         self._output = self.session.get_outputs()[0].name
 
@@ -99,12 +101,19 @@ class Predictor:
         return prepare_image(image, self.input_size)
 
     def probabilities(self, images: Sequence[ImageSource] | np.ndarray) -> np.ndarray:
-        """Class probabilities [N, num_classes] in label order, for images or a ready uint8 [N, S, S, 3] batch."""
-        if isinstance(images, np.ndarray) and images.ndim == 4:
+        """Class probabilities [N, num_classes] in label order, for images or a ready uint8 [N, S, S, 3] batch
+        (an ndarray of 2 or 3 dimensions is one image)."""
+        if isinstance(images, np.ndarray) and images.ndim in (2, 3):
+            images = [images]
+        if isinstance(images, np.ndarray):
+            size = self.input_size
+            if images.ndim != 4 or images.shape[1:] != (size, size, 3) or images.dtype != np.uint8:
+                raise FlowerxError(f"a ready batch must be uint8 [N, {size}, {size}, 3], got {images.dtype} "
+                                   f"{list(images.shape)}")
             batch = images
         else:
             batch = np.stack([self.preprocess(image) for image in images])
-        return self.session.run([self._output], {self._input: np.ascontiguousarray(batch, np.uint8)})[0]
+        return self.session.run([self._output], {self._input: np.ascontiguousarray(batch)})[0]
 
     def _ranked(self, probs: np.ndarray, top_k: int | None) -> list[tuple[str, float]]:
         order = np.argsort(-probs, kind="stable")[: top_k or len(self.labels)]

@@ -144,7 +144,12 @@ def export_int8(
     float_graph = Path(float_graph)
     predictor = Predictor(float_graph, providers="cpu")
     meta, size = dict(predictor.metadata), predictor.input_size
-    training = json.loads(meta.get("training", "{}"))
+    try:
+        training = json.loads(meta.get("training") or "{}")
+        if not isinstance(training, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise FlowerxError(f"{float_graph.name}: unreadable 'training' metadata ({e})") from None
     val_pct, test_pct = training.get("validation_percentage", 10.0), training.get("testing_percentage", 10.0)
     dataset = discover(image_dir)
     unknown = [label for label in dataset.labels if label not in predictor.labels]
@@ -181,7 +186,7 @@ def export_int8(
     console.print("int8: re-fitting the head on the int8 network's features", highlight=False)
     cfg = TrainConfig(image_dir=image_dir, how_many_training_steps=steps, learning_rate=learning_rate,
                       eval_step_interval=steps, seed=seed)
-    kernel, bias, _ = train_head(int8_x, y, splits, len(predictor.labels), cfg, Console(file=open(os.devnull, "w")), None)
+    kernel, bias, _ = train_head(int8_x, y, splits, len(predictor.labels), cfg, Console(quiet=True), None)
     int8_acc = accuracy_of(int8_x, y, splits["test"], kernel, bias)
     drop = (float_acc - int8_acc) * 100
     path = int8_path(float_graph)
@@ -194,7 +199,7 @@ def export_int8(
     meta["quantization"] = "int8 static QDQ, per-channel weights, MinMax-calibrated activations, head re-fitted"
     meta["training"] = json.dumps({**training, "test_accuracy": round(int8_acc, 6),
                                    "float_test_accuracy": round(float_acc, 6), "test_count": int(len(splits["test"]))})
-    set_metadata(combined, {k: v for k, v in meta.items()})
+    set_metadata(combined, meta)
     data = combined.SerializeToString()
     _check_composition(data, quantized, kernel, bias, np.stack(calibration[:8]))
     atomic_write(path, data)

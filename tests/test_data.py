@@ -89,3 +89,11 @@ def test_missing_file_and_folder(tmp_path):
         prepare_image(tmp_path / "nope.jpg", 16)
     with pytest.raises(ImageError, match="folder"):
         prepare_image(tmp_path, 16)
+
+
+def test_an_unloaded_pil_jpeg_decodes_like_its_bytes(tmp_path):
+    """Large JPEGs are decoded at a reduced DCT scale: a PIL image handed over unloaded gets the same."""
+    path = tmp_path / "big.jpg"
+    big = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    Image.fromarray(big).resize((1600, 1200), Image.BILINEAR).save(path, quality=90)
+    np.testing.assert_array_equal(prepare_image(Image.open(path), 64), prepare_image(path.read_bytes(), 64))

@@ -15,7 +15,7 @@ def model(tmp_path):
 
 def test_reads_contract_from_metadata(model):
     p = Predictor(model, providers="cpu")
-    assert p.labels == ["red", "green", "blue"] and p.input_size == 8 and p.resize == "bilinear"
+    assert p.labels == ["red", "green", "blue"] and p.input_size == 8
     assert p.provider == "CPUExecutionProvider"
 
 
@@ -74,6 +74,21 @@ def test_bad_models(tmp_path):
         Predictor(nchw)
     with pytest.raises(FlowerxError, match="providers"):
         Predictor(write_tiny_model(tmp_path / "ok.onnx"), providers="tpu")
+
+
+def test_ready_batches_are_checked_and_single_arrays_are_one_image(model, tmp_path):
+    p = Predictor(model)
+    image = np.zeros((20, 30, 3), np.uint8)
+    image[..., 2] = 250
+    assert p.probabilities(image).shape == (1, 3) and p.predict(image)[0][0] == "blue"
+    with pytest.raises(FlowerxError, match=r"uint8 \[N, 8, 8, 3\]"):
+        p.probabilities(np.zeros((2, 8, 8, 3), np.float32))
+    with pytest.raises(FlowerxError, match=r"uint8 \[N, 8, 8, 3\]"):
+        p.probabilities(np.zeros((2, 9, 9, 3), np.uint8))
+    nearest = write_tiny_model(tmp_path / "nearest.onnx", metadata={
+        "labels": '["r", "g", "b"]', "input_size": "8", "resize": "nearest"})
+    with pytest.raises(FlowerxError, match="resize rule 'nearest'"):
+        Predictor(nearest)
 
 
 def test_bad_image_raises_documented_type(model, tmp_path):
