@@ -30,7 +30,7 @@ import numpy as np
 
 from flowerx.architectures import get_architecture, weights_fingerprint
 from flowerx.bench import machine_info
-from flowerx.bottlenecks import BottleneckCache, get_bottlenecks
+from flowerx.bottlenecks import BottleneckCache, get_bottlenecks, stream_session
 from flowerx.data import discover, prepare_image
 
 ARCHITECTURES = ("mobilenet_0.25_224", "mobilenet_1.0_224")
@@ -71,18 +71,13 @@ def decode_rates(paths: list[Path], size: int, cores: int) -> tuple[float, float
 
 def network_rates(features_onnx: Path, size: int, cores: int, batch: int = 32) -> tuple[float, float]:
     """(core-seconds per image on one thread, images/s with one single-threaded stream per core)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(features_onnx), options, providers=["CPUExecutionProvider"])
+    network = stream_session(features_onnx)  # the session flowerx's own pass uses
     images = np.random.default_rng(0).integers(0, 255, (batch, size, size, 3), dtype=np.uint8)
-    session.run(None, {"image": images})
+    network(images)
 
     def stream(rounds: int) -> None:
         for _ in range(rounds):
-            session.run(None, {"image": images})
+            network(images)
 
     start = time.perf_counter()
     stream(4)

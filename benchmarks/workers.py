@@ -31,7 +31,8 @@ def _calibration_images(size: int, image_dir: str | None, n: int = 16) -> np.nda
     from flowerx.data import list_images, prepare_image
 
     if image_dir:
-        paths = list_images(Path(image_dir))[:: max(1, len(list_images(Path(image_dir))) // n)][:n]
+        found = list_images(Path(image_dir))
+        paths = found[:: max(1, len(found) // n)][:n]
         if paths:
             return np.stack([prepare_image(p, size) for p in paths])
     rng = np.random.default_rng(0)
@@ -172,7 +173,8 @@ def per_image_loop(args: argparse.Namespace) -> None:
     model = build_feature_model(arch, build_base(arch, Path(args.model_dir) / arch.weights_file))
     size = arch.input_size
     fn = tf.function(lambda x: model(x, training=False), input_signature=[tf.TensorSpec([1, size, size, 3], tf.uint8)])
-    paths = list_images(Path(args.image_dir))[:: max(1, len(list_images(Path(args.image_dir))) // args.count)]
+    found = list_images(Path(args.image_dir))
+    paths = found[:: max(1, len(found) // args.count)]
     fn(prepare_image(paths[0], size)[None])  # trace
     start = time.perf_counter()
     for path in paths[: args.count]:

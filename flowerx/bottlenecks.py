@@ -103,6 +103,19 @@ class BottleneckCache:
             raise FlowerxError(f"cannot write the bottleneck cache in {self.dir}: {e.strerror or e}") from None
 
 
+def stream_session(model: str | os.PathLike | bytes) -> Callable[[np.ndarray], np.ndarray]:
+    """A thread-safe function of a uint8 batch on onnxruntime, for one stream per core: one intra-op
+    thread and no spinning, so a stream never steals the core another thread is decoding on."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    source = model if isinstance(model, bytes) else str(model)
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return lambda batch: session.run(None, {"image": batch})[0]
+
+
 def _batches(seq: Sequence, size: int) -> Iterator[Sequence]:
     for start in range(0, len(seq), size):
         yield seq[start : start + size]

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
+from .bottlenecks import stream_session
 from .data import ImageItem, discover, prepare_image, split_of
 from .errors import FlowerxError, ImageError
 from .fileio import atomic_write
@@ -97,12 +98,7 @@ def quantize_features(features_model, calibration: np.ndarray) -> bytes:
 
 def compute_features(model_bytes: bytes, items: list[ImageItem], size: int) -> tuple[np.ndarray, np.ndarray]:
     """Features of items through an ONNX feature network: one decode+infer stream per core."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    network = stream_session(model_bytes)
 
     def batch(start: int) -> tuple[list[int], np.ndarray | None]:
         good, images = [], []
@@ -112,7 +108,7 @@ def compute_features(model_bytes: bytes, items: list[ImageItem], size: int) -> t
                 good.append(i)
             except ImageError:
                 continue
-        return good, session.run(None, {"image": np.stack(images)})[0] if images else None
+        return good, network(np.stack(images)) if images else None
 
     features, ok = None, np.zeros(len(items), bool)
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:

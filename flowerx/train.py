@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import __version__
 from .architectures import Architecture, default_model_dir, get_architecture, resolve_weights, weights_fingerprint
-from .bottlenecks import BottleneckCache, BottleneckStats, get_bottlenecks
+from .bottlenecks import BottleneckCache, BottleneckStats, get_bottlenecks, stream_session
 from .data import RESIZE_RULE, Distortion, ImageItem, discover, prepare_image, split_of
 from .errors import FlowerxError, ImageError
 from .fileio import atomic_write
@@ -170,18 +170,9 @@ class _Networks:
         return self.onnx(self.onnx_path, self.keras)
 
     def batch_fn(self, name: str = "features.onnx", model: Callable[[], object] | None = None) -> Callable:
-        """A thread-safe function of a uint8 batch on onnxruntime; each calling thread gets one core (no
-        spinning threads that would steal the core another thread is decoding on)."""
+        """The network (or `model`, cached as `name`) as a stream_session, built once."""
         if name not in self._fns:
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = 1
-            options.inter_op_num_threads = 1
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            path = self.onnx(self.folder / name, model or self.keras)
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            self._fns[name] = lambda batch: session.run(None, {"image": batch})[0]
+            self._fns[name] = stream_session(self.onnx(self.folder / name, model or self.keras))
         return self._fns[name]
 
 
