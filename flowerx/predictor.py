@@ -44,7 +44,7 @@ class Predictor:
             raise FlowerxError(f"providers must be 'auto', 'cpu' or 'cuda', not {providers!r}")
         available = ort.get_available_providers()
         if providers == "cuda" and "CUDAExecutionProvider" not in available:
-            raise FlowerxError("providers='cuda' needs onnxruntime-gpu (pip install 'flowerx[gpu]') and a GPU")
+            raise FlowerxError("providers='cuda' needs onnxruntime-gpu in place of onnxruntime, and a GPU (README: On a GPU)")
         wanted = PROVIDERS["cuda"] if providers != "cpu" and "CUDAExecutionProvider" in available else PROVIDERS["cpu"]
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads

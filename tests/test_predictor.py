@@ -96,3 +96,14 @@ def test_bad_image_raises_documented_type(model, tmp_path):
     with pytest.raises(ImageError) as info:
         Predictor(model).predict(tmp_path / "x.jpg")
     assert isinstance(info.value, ValueError)
+
+
+def test_cuda_without_a_gpu_is_a_clear_error_and_auto_falls_back(model, monkeypatch):
+    """CI has no GPU: "cuda" must say what is missing, "auto" must run on the CPU. (On a GPU machine,
+    benchmarks/cuda_check.py is the check; results in benchmarks/results/cuda.json.)"""
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(FlowerxError, match="onnxruntime-gpu in place of onnxruntime, and a GPU"):
+        Predictor(model, providers="cuda")
+    assert Predictor(model, providers="auto").provider == "CPUExecutionProvider"
