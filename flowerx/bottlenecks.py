@@ -41,15 +41,12 @@ class BottleneckStats:
 class BottleneckCache:
     """Files under <root>/<architecture>-<weights>-<version>/<key[:2]>/<key>.npy; keys are hex digests only."""
 
-    def __init__(self, root: str | os.PathLike, arch: Architecture, weights_id: str = "imagenet",
-                 layer: str = "", shape: tuple[int, ...] | None = None, dtype: str = "float32"):
+    def __init__(self, root: str | os.PathLike, arch: Architecture, weights_id: str = "imagenet"):
         """weights_id names the weights the features come from (a hash of the file): other weights, other
-        entries. layer/shape/dtype: entries of an inner layer's activations (for fine-tuning) instead of the
-        pooled features."""
+        entries."""
         self.arch = arch
-        self.shape, self.dtype = shape or (arch.feature_dim,), np.dtype(dtype)
-        suffix = f"-{layer}" if layer else ""
-        self.dir = Path(root).expanduser() / f"{arch.name}-{weights_id}-{CACHE_VERSION}{suffix}"
+        self.shape, self.dtype = (arch.feature_dim,), np.dtype(np.float32)
+        self.dir = Path(root).expanduser() / f"{arch.name}-{weights_id}-{CACHE_VERSION}"
         self._made: set[str] = set()  # prefix folders known to exist
 
     @staticmethod

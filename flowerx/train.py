@@ -54,8 +54,8 @@ class TrainConfig:
     random_brightness: float = 0.0
     distorted_views: int = 4  # distorted views cached per training image when any distortion is on
     fine_tune_blocks: int = 0  # after the head, also train the network's top N blocks (0: head only)
-    fine_tune_learning_rate: float = 0.0001  # measured: 1e-3 loses 4 points in the first epoch, 1e-4 holds
-    fine_tune_epochs: int = 15  # at most; early stopping on validation accuracy (patience 3)
+    fine_tune_learning_rate: float = 0.0001  # Adam, cosine-decayed to 0 over fine_tune_epochs
+    fine_tune_epochs: int = 12  # at most; early stopping on validation accuracy (patience 3)
     quantize: str = "none"  # "int8": also write <graph>.int8.onnx (static QDQ, head re-fitted)
     max_accuracy_drop: float = 1.0  # points of test accuracy the int8 model may lose, else it is not written
 
@@ -118,13 +118,12 @@ class TrainResult:
 
 class _Networks:
     """The frozen network, built on first use: as Keras (for training and the export's parity check) and
-    as cached ONNX exports that compute bottlenecks (and fine-tuning's trunk activations) on onnxruntime,
-    faster than TensorFlow here, in batches too."""
+    as a cached ONNX export that computes the bottlenecks on onnxruntime, faster than TensorFlow here."""
 
     def __init__(self, arch: Architecture, weights: Path, folder: Path, items: Sequence[ImageItem]):
         self.arch, self.weights, self.folder, self.items = arch, weights, folder, items
         self.onnx_path = folder / "features.onnx"
-        self._base, self._keras, self._fns = None, None, {}
+        self._base, self._keras, self._fn = None, None, None
 
     def base(self):
         if self._base is None:
@@ -155,25 +154,22 @@ class _Networks:
             raise FlowerxError("none of the images can be read")
         return np.stack(images)
 
-    def onnx(self, path: Path, model: Callable[[], object]) -> Path:
-        """model() as ONNX (uint8 image -> its output), converted once per architecture and weights and
-        checked against Keras on real images."""
-        if not path.is_file():
+    def features_onnx(self) -> Path:
+        """The feature network as ONNX (uint8 image -> features), converted once per architecture and
+        weights and checked against Keras on real images."""
+        if not self.onnx_path.is_file():
             from exporters.onnx_export import FEATURES_ATOL, check_parity, keras_to_onnx
 
-            data = keras_to_onnx(model(), self.arch.input_size, output="features").SerializeToString()
-            check_parity(data, model(), self.sample_images(4), atol=FEATURES_ATOL, top1=False)
-            atomic_write(path, data)
-        return path
+            data = keras_to_onnx(self.keras(), self.arch.input_size, output="features").SerializeToString()
+            check_parity(data, self.keras(), self.sample_images(4), atol=FEATURES_ATOL, top1=False)
+            atomic_write(self.onnx_path, data)
+        return self.onnx_path
 
-    def features_onnx(self) -> Path:
-        return self.onnx(self.onnx_path, self.keras)
-
-    def batch_fn(self, name: str = "features.onnx", model: Callable[[], object] | None = None) -> Callable:
-        """The network (or `model`, cached as `name`) as a stream_session, built once."""
-        if name not in self._fns:
-            self._fns[name] = stream_session(self.onnx(self.folder / name, model or self.keras))
-        return self._fns[name]
+    def batch_fn(self) -> Callable:
+        """The feature network as a stream_session, built once."""
+        if self._fn is None:
+            self._fn = stream_session(self.features_onnx())
+        return self._fn
 
 
 def _progress(console: Console) -> Progress:
@@ -205,6 +201,7 @@ def _sample(indices: np.ndarray, size: int, rng: np.random.Generator) -> np.ndar
     return indices if size < 0 or size >= len(indices) else rng.choice(indices, size, replace=False)
 
 
+FINE_TUNE_BATCH = 32
 STEPS_PER_CALL = 100  # batches gathered per graph call: bounds memory, whatever the dataset's size
 
 
@@ -283,50 +280,48 @@ def train_head(
 
 def _with_views(cfg: TrainConfig, console: Console, items: Sequence[ImageItem], features: np.ndarray,
                 labels: np.ndarray, splits: dict[str, np.ndarray], cache: BottleneckCache, make_model: Callable,
-                timings: dict[str, float], what: str = "views") -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+                timings: dict[str, float]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """A training set grown by the distorted views of each training image (cached like the bottlenecks):
     returns (features, labels, splits) with the views' rows appended to the train split."""
     t = time.perf_counter()
     train = splits["train"]
     rows, ys, train_rows, computed = [features], [labels], [train], 0
     for k in range(1, cfg.distorted_views + 1):
-        view, ok, stats = _pass(console, f"{what} {k}/{cfg.distorted_views}", [items[i] for i in train], cache,
+        view, ok, stats = _pass(console, f"views {k}/{cfg.distorted_views}", [items[i] for i in train], cache,
                                 make_model, cfg.bottleneck_batch_size, view=(cfg.distortion, k))
         train_rows.append(sum(map(len, rows)) + np.arange(ok.sum()))
         rows.append(view[ok])
         ys.append(labels[train][ok])
         computed += stats.computed
-    timings[f"{what}_s"] = time.perf_counter() - t
-    console.print(f"Distorted {what} ({cfg.distortion.id}): {cfg.distorted_views} per training image, "
-                  f"{computed} computed ({timings[f'{what}_s']:.1f} s)", highlight=False)
+    timings["views_s"] = time.perf_counter() - t
+    console.print(f"Distorted views ({cfg.distortion.id}): {cfg.distorted_views} per training image, "
+                  f"{computed} computed ({timings['views_s']:.1f} s)", highlight=False)
     return np.concatenate(rows), np.concatenate(ys), {**splits, "train": np.concatenate(train_rows)}
 
 
 def _fine_tune(cfg: TrainConfig, console: Console, arch: Architecture, items: Sequence[ImageItem], labels: np.ndarray,
                splits: dict[str, np.ndarray], kernel: np.ndarray, bias: np.ndarray, networks: _Networks,
-               weights_id: str, timings: dict[str, float]):
-    """Fine-tune the top blocks on cached trunk activations; returns (FineTuneResult, the tuned feature
+               checkpoint: Path, summary_dir: Path | None, timings: dict[str, float]):
+    """Fine-tune the top blocks on fresh views of the images; returns (FineTuneResult, the tuned feature
     network as ONNX)."""
     from exporters.onnx_export import keras_to_onnx
 
-    from .finetune import cut_layer, fine_tune, trunk_model
+    from .finetune import fine_tune
 
     t = time.perf_counter()
-    trunk, shape = trunk_model(networks.base(), arch, cfg.fine_tune_blocks)
-    layer = cut_layer(arch, cfg.fine_tune_blocks)
-    trunk_cache = BottleneckCache(cfg.bottleneck_dir, arch, weights_id, layer, shape, "float16")
-    make_trunk = lambda: networks.batch_fn(f"{layer}.onnx", lambda: trunk)  # noqa: E731
-    activations, _, _ = _pass(console, f"Cache {layer}", items, trunk_cache, make_trunk, cfg.bottleneck_batch_size)
-    if cfg.distortion.active:  # fine-tune on the distorted views too
-        activations, labels, splits = _with_views(cfg, console, items, activations, labels, splits, trunk_cache,
-                                                  make_trunk, timings, what=f"{layer} views")
-    tuned = fine_tune(networks.base(), arch, cfg.fine_tune_blocks, activations, labels, splits, kernel, bias,
-                      cfg.fine_tune_learning_rate, cfg.fine_tune_epochs, 32, cfg.seed, console)
+    tuned = fine_tune(networks.base(), networks.keras(), arch, cfg.fine_tune_blocks, items, labels, splits, kernel,
+                      bias, cfg.distortion, cfg.fine_tune_learning_rate, cfg.fine_tune_epochs, FINE_TUNE_BATCH,
+                      cfg.seed, checkpoint, console, summary_dir,
+                      key_parts={"head": [cfg.how_many_training_steps, cfg.learning_rate, cfg.train_batch_size,
+                                          cfg.distortion.id, cfg.distorted_views]})
     timings["fine_tune_s"] = time.perf_counter() - t
-    console.print(f"Fine-tuned the top {cfg.fine_tune_blocks} block(s) for {tuned.epochs} epoch(s) (best "
-                  f"validation accuracy {tuned.validation_accuracy * 100:.1f}%, {timings['fine_tune_s']:.1f} s)",
-                  highlight=False)
-    return tuned, keras_to_onnx(networks.keras(), arch.input_size, output="features")
+    if tuned.epochs:
+        console.print(f"Fine-tuned the top {cfg.fine_tune_blocks} block(s): kept epoch {tuned.epochs} (validation "
+                      f"accuracy {tuned.validation_accuracy * 100:.1f}%, {timings['fine_tune_s']:.1f} s)", highlight=False)
+    else:
+        console.print("Fine-tuning never beat the head alone on validation accuracy: kept the head alone "
+                      f"({timings['fine_tune_s']:.1f} s)", highlight=False)
+    return tuned, keras_to_onnx(networks.keras(), arch.input_size, output="features") if tuned.epochs else None
 
 
 def run(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
@@ -391,10 +386,15 @@ def run(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
     test_idx = _sample(splits["test"], cfg.test_batch_size, rng)
     predicted = predict_logits(features, test_idx, kernel, bias).argmax(1)
     features_proto = None  # the cached features.onnx, unless fine-tuning changed the network
+    fine_tune_info = None
     if cfg.fine_tune_blocks:
+        checkpoint = cache.dir / f"fine-tune-{Path(cfg.output_graph).stem}.npz"
         tuned, features_proto = _fine_tune(cfg, console, arch, dataset.items, labels, {**splits, "test": test_idx},
-                                           kernel, bias, networks, weights_id, timings)
+                                           kernel, bias, networks, checkpoint, summary_dir, timings)
         kernel, bias, val_acc, predicted = tuned.kernel, tuned.bias, tuned.validation_accuracy, tuned.test_predictions
+        fine_tune_info = {"blocks": cfg.fine_tune_blocks, "kept_epoch": tuned.epochs,
+                          "epochs_run": len(tuned.history), "learning_rate": cfg.fine_tune_learning_rate,
+                          "distortion": tuned.distortion}
     test_acc = float((predicted == labels[test_idx]).mean()) if len(test_idx) else float("nan")
     misclassified = [
         (dataset.items[i].relpath, dataset.labels[p], dataset.labels[labels[i]])
@@ -433,6 +433,7 @@ def run(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
             "learning_rate": cfg.learning_rate,
             "distortion": cfg.distortion.id if cfg.distortion.active else None,
             "fine_tune_blocks": cfg.fine_tune_blocks,
+            "fine_tune": fine_tune_info,
             "trained_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
     }

@@ -1,0 +1,93 @@
+"""The README's accuracy table: head only / distortions / fine-tuned / int8, for two MobileNets.
+
+    python -m benchmarks.accuracy --shared ../shared --json benchmarks/results/accuracy.json
+
+Each row is one `flowerx train` run in its own process on all the flower photos with the real weights:
+test accuracy (the test split, N=319), validation accuracy, wall time and peak memory. The bottleneck
+cache is filled by a first, untimed run per architecture, so every row's time is what a user pays once
+the bottlenecks exist (the cold pass is in train_speed.json); rows with distortions include computing
+their views, and fine-tuned rows decode every image each epoch, as they always do. Keep the machine quiet.
+Takes about 25 minutes on the 2-core machine, most of it the fine-tuned mobilenet_1.0_224.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from flowerx.bench import machine_info
+
+DISTORT = ["--flip-left-right", "--random-scale", "15", "--random-brightness", "10", "--distorted-views", "4"]
+ROWS: list[tuple[str, list[str]]] = [
+    ("head only", []),
+    ("head, distortions (4 cached views)", DISTORT),
+    ("fine-tuned, all 13 blocks", ["--fine-tune-blocks", "13"]),
+    ("head only, int8", ["--quantize", "int8"]),
+    ("fine-tuned, int8", ["--fine-tune-blocks", "13", "--quantize", "int8"]),  # reuses the fine-tuned checkpoint
+]
+ARCHITECTURES = ("mobilenet_0.25_224", "mobilenet_1.0_224")
+PEAK_RSS = "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); " \
+           "print('PEAK_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)"
+
+
+def train(arch: str, extra: list[str], shared: Path, work: Path, name: str) -> dict:
+    out = work / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
+    cmd = [sys.executable, "-c", PEAK_RSS, sys.executable, "-m", "flowerx", "train", "--image-dir",
+           str(shared / "flower_photos"), "--architecture", arch, "--model-dir", str(shared / "models"),
+           "--bottleneck-dir", str(work / "bottlenecks"), "--summaries-dir", "", "--output-graph",
+           str(out / "model.onnx"), *extra]
+    start = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, COLUMNS="200"))
+    wall = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"flowerx train {' '.join(extra)} failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
+    text = result.stdout
+    row = {"architecture": arch, "row": name, "flags": extra, "wall_s": round(wall, 1),
+           "peak_mb": int(re.search(r"PEAK_KB (\d+)", text).group(1)) // 1024,
+           "test_accuracy": float(re.search(r"Final test accuracy = ([\d.]+)%", text).group(1)),
+           "validation_accuracy": float(re.findall(r"validation accuracy +([\d.]+)%", text)[-1])}
+    kept = re.search(r"kept epoch (\d+) \(validation accuracy ([\d.]+)%", text)
+    row["reused_fine_tune_checkpoint"] = "Fine-tune: finished after epoch" in text  # time excludes fine-tuning
+    if "--fine-tune-blocks" in extra:
+        row["kept_epoch"] = int(kept.group(1)) if kept else 0
+        row["epochs_run"] = len(re.findall(r"Fine-tune epoch", text))
+        if kept:
+            row["validation_accuracy"] = float(kept.group(2))
+    int8 = re.search(r"int8 test accuracy ([\d.]+)% vs float ([\d.]+)%.*?(not written)?$", text, re.M)
+    if int8:
+        row.update(int8_test_accuracy=float(int8.group(1)), int8_written=int8.group(3) is None)
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shared", default="../shared", type=Path, help="folder with flower_photos/ and models/")
+    parser.add_argument("--json", default="benchmarks/results/accuracy.json", type=Path)
+    parser.add_argument("--architectures", nargs="+", default=list(ARCHITECTURES))
+    args = parser.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="flowerx-accuracy-") as tmp:
+        work = Path(tmp)
+        for arch in args.architectures:
+            train(arch, ["--how-many-training-steps", "1"], args.shared, work, f"warmup-{arch}")  # fills the cache
+            for name, extra in ROWS:
+                rows.append(train(arch, extra, args.shared, work, f"{arch}-{name}"))
+                r = rows[-1]
+                print(f"{arch:<20} {name:<36} test {r['test_accuracy']:5.1f}%  validation "
+                      f"{r['validation_accuracy']:5.1f}%  {r['wall_s']:7.1f} s  {r['peak_mb']:>5} MB"
+                      + (f"  kept epoch {r['kept_epoch']}/{r['epochs_run']}" if "kept_epoch" in r else "")
+                      + (f"  int8 {r['int8_test_accuracy']:.1f}% ({'written' if r['int8_written'] else 'refused'})"
+                         if "int8_test_accuracy" in r else ""), flush=True)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"machine": machine_info(), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
