@@ -2,6 +2,7 @@
 #   make demo   create .venv, install flowerx with its extras, train on the flower photos, classify a daisy
 #   make test   create .venv, install flowerx with its extras, run the test suite
 # make bench regenerates benchmarks/results/ and benchmarks/README.md (several minutes; keep the machine quiet).
+# make accuracy regenerates benchmarks/results/accuracy.json, the README's accuracy table (about 30 minutes).
 PYTHON ?= python3
 VENV ?= .venv
 SHARED ?= ../shared
@@ -41,4 +42,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python -m benchmarks.train_speed --shared $(SHARED) --json $(RESULTS)/train_speed.json
 	$(BIN)/python -m benchmarks.report
 
-.PHONY: install demo test bench
+accuracy: $(BIN)/.installed
+	$(BIN)/python -m benchmarks.accuracy --shared $(SHARED) --json $(RESULTS)/accuracy.json
+
+.PHONY: install demo test bench accuracy

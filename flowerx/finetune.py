@@ -6,8 +6,10 @@ makes fine-tuning generalise on a few thousand photos, and why it cannot use the
 BatchNorm layers keep their ImageNet statistics (inference mode), as is usual for small datasets. The
 optimizer is Adam with a cosine-decayed learning rate: plain SGD diverges on MobileNet v1, whose frozen
 BatchNorm layers multiply some depthwise weights' gradients a thousandfold (measured: SGD at 1e-3 drops the
-validation accuracy to chance within 20 steps). Early stopping on validation accuracy keeps the best epoch,
-and the head alone when no epoch beat it. After each epoch a checkpoint (weights, optimizer state, early-
+validation accuracy to chance within 20 steps). Validation, the kept epoch and the export use an exponential
+moving average of the weights (measured on mobilenet_1.0_224: validation accuracy climbs more steadily, 95.8%
+against 95.1% at the same epoch). Early stopping on validation accuracy, once half the epochs have run, keeps
+the best epoch, and the head alone when no epoch beat it. After each epoch a checkpoint (weights, optimizer state, early-
 stopping state) is written atomically, so an interrupted run resumes at its next epoch, and a rerun with the
 same data and settings computes nothing again.
 """
@@ -39,7 +41,9 @@ from .fileio import atomic_write
 # alone zooms 1.0-1.15x at a random position, closer to what the network sees at test time.
 DEFAULT_DISTORTION = Distortion(flip_left_right=True, random_scale=15, random_brightness=10)
 LABEL_SMOOTHING = 0.1  # fine-tuning reaches ~100% train accuracy: softer targets keep it from over-confidence
-PATIENCE = 3  # epochs without a better validation accuracy before stopping
+EMA_DECAY = 0.99  # per step: validation, the kept epoch and the export use an average of the last ~100 steps' weights
+PATIENCE = 3  # epochs without a better validation accuracy before stopping, once half the epochs have run:
+# the first epochs, at the highest learning rate, often dip below the head alone before they climb past it
 CHECKPOINT_VERSION = 1
 
 
@@ -150,6 +154,7 @@ def fine_tune(
     schedule = keras.optimizers.schedules.CosineDecay(learning_rate, max_epochs * steps_per_epoch)
     optimizer = keras.optimizers.Adam(schedule)
     optimizer.build(variables)
+    ema = [tf.Variable(v.numpy(), trainable=False) for v in variables]  # starts at the head-only weights
 
     @tf.function(reduce_retracing=True)
     def step(x: tf.Tensor, y: tf.Tensor):
@@ -159,6 +164,8 @@ def fine_tune(
                 tf.shape(logits)[1], tf.float32)
             loss = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(targets, logits))
         optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        for average, v in zip(ema, variables):
+            average.assign(EMA_DECAY * average + (1 - EMA_DECAY) * tf.convert_to_tensor(v))
         return loss, tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, 1), y), tf.float32))
 
     @tf.function(reduce_retracing=True)
@@ -172,25 +179,32 @@ def fine_tune(
                for _, x in _image_batches(items, idx, size, 64, None, 0, pool)]
         return np.concatenate(out) if out else np.zeros(0, int)
 
-    def accuracy(idx: np.ndarray) -> float:
-        return float((predict(idx) == labels[idx]).mean())
+    def snapshot(of: list = variables) -> list[np.ndarray]:
+        return [v.numpy() for v in of]
 
-    def snapshot() -> list[np.ndarray]:
-        return [v.numpy() for v in variables]
-
-    def restore(values: list[np.ndarray]) -> None:
-        for v, value in zip(variables, values):
+    def restore(values: list[np.ndarray], to: list = variables) -> None:
+        for v, value in zip(to, values):
             v.assign(value)
+
+    def accuracy(idx: np.ndarray) -> float:
+        """Accuracy of the averaged weights (the training weights are put back after)."""
+        current = snapshot()
+        restore(snapshot(ema))
+        try:
+            return float((predict(idx) == labels[idx]).mean())
+        finally:
+            restore(current)
 
     key = checkpoint_key({"architecture": arch.name, "blocks": blocks, "learning_rate": learning_rate,
                           "max_epochs": max_epochs, "batch_size": batch_size, "seed": seed,
-                          "distortion": distortion.id, "label_smoothing": LABEL_SMOOTHING,
+                          "distortion": distortion.id, "label_smoothing": LABEL_SMOOTHING, "ema": EMA_DECAY,
                           "splits": {k: len(v) for k, v in splits.items()}, **(key_parts or {})},
                          [items[i] for i in np.concatenate([train, splits["validation"]])])
     loaded = _load(checkpoint, key)
     if loaded:
         state, arrays = loaded
         restore(arrays["current"])
+        restore(arrays["ema"], ema)
         for v, value in zip(optimizer.variables, arrays["optimizer"]):
             v.assign(value)
         best = arrays["best"]
@@ -230,10 +244,10 @@ def fine_tune(
                           f"loss {record['loss']:.4f}  validation accuracy {val * 100:5.1f}%  "
                           f"({record['seconds']:.0f} s, {len(order) / record['seconds']:.0f} img/s)", highlight=False)
             if val > state["best_accuracy"]:
-                state["best_epoch"], state["best_accuracy"], best = epoch, val, snapshot()
+                state["best_epoch"], state["best_accuracy"], best = epoch, val, snapshot(ema)
             state["epoch"] = epoch
-            state["done"] = epoch >= max_epochs or epoch - state["best_epoch"] >= PATIENCE
-            _save(checkpoint, state, {"current": snapshot(), "best": best,
+            state["done"] = epoch >= max_epochs or (epoch >= (max_epochs + 1) // 2 and epoch - state["best_epoch"] >= PATIENCE)
+            _save(checkpoint, state, {"current": snapshot(), "ema": snapshot(ema), "best": best,
                                       "optimizer": [v.numpy() for v in optimizer.variables]})
         restore(best)
         test = splits["test"]
