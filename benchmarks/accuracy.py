@@ -7,7 +7,7 @@ test accuracy (the test split, N=319), validation accuracy, wall time and peak m
 cache is filled by a first, untimed run per architecture, so every row's time is what a user pays once
 the bottlenecks exist (the cold pass is in train_speed.json); rows with distortions include computing
 their views, and fine-tuned rows decode every image each epoch, as they always do. Keep the machine quiet.
-Takes about 25 minutes on the 2-core machine, most of it the fine-tuned mobilenet_1.0_224.
+Takes about 20 minutes on the 2-core machine, half of it the fine-tuned mobilenet_1.0_224.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ PEAK_RSS = "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); 
 
 
 def train(arch: str, extra: list[str], shared: Path, work: Path, name: str) -> dict:
-    out = work / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
+    out = work / arch / re.sub(r"\W+", "_", name)
     cmd = [sys.executable, "-c", PEAK_RSS, sys.executable, "-m", "flowerx", "train", "--image-dir",
            str(shared / "flower_photos"), "--architecture", arch, "--model-dir", str(shared / "models"),
            "--bottleneck-dir", str(work / "bottlenecks"), "--summaries-dir", "", "--output-graph",
@@ -76,9 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="flowerx-accuracy-") as tmp:
         work = Path(tmp)
         for arch in args.architectures:
-            train(arch, ["--how-many-training-steps", "1"], args.shared, work, f"warmup-{arch}")  # fills the cache
+            train(arch, ["--how-many-training-steps", "1"], args.shared, work, "warm-up")  # fills the cache
             for name, extra in ROWS:
-                rows.append(train(arch, extra, args.shared, work, f"{arch}-{name}"))
+                rows.append(train(arch, extra, args.shared, work, name))
                 r = rows[-1]
                 print(f"{arch:<20} {name:<36} test {r['test_accuracy']:5.1f}%  validation "
                       f"{r['validation_accuracy']:5.1f}%  {r['wall_s']:7.1f} s  {r['peak_mb']:>5} MB"

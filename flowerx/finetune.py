@@ -42,7 +42,7 @@ from .fileio import atomic_write
 DEFAULT_DISTORTION = Distortion(flip_left_right=True, random_scale=15, random_brightness=10)
 LABEL_SMOOTHING = 0.1  # fine-tuning reaches ~100% train accuracy: softer targets keep it from over-confidence
 EMA_DECAY = 0.99  # per step: validation, the kept epoch and the export use an average of the last ~100 steps' weights
-PATIENCE = 3  # epochs without a better validation accuracy before stopping, once half the epochs have run:
+PATIENCE = 3  # epochs without a better validation accuracy before stopping, counted from half the epochs:
 # the first epochs, at the highest learning rate, often dip below the head alone before they climb past it
 CHECKPOINT_VERSION = 1
 
@@ -246,7 +246,7 @@ def fine_tune(
             if val > state["best_accuracy"]:
                 state["best_epoch"], state["best_accuracy"], best = epoch, val, snapshot(ema)
             state["epoch"] = epoch
-            state["done"] = epoch >= max_epochs or (epoch >= (max_epochs + 1) // 2 and epoch - state["best_epoch"] >= PATIENCE)
+            state["done"] = epoch >= max_epochs or epoch - max(state["best_epoch"], max_epochs // 2) >= PATIENCE
             _save(checkpoint, state, {"current": snapshot(), "ema": snapshot(ema), "best": best,
                                       "optimizer": [v.numpy() for v in optimizer.variables]})
         restore(best)
