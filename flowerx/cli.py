@@ -49,7 +49,7 @@ TRAIN_HELP = {
     "fine_tune_blocks": "after the head, also train the network's top N blocks on fresh distorted views "
                         "(0: head only; MobileNet 1-13, 13 = all; Inception V3 1-10)",
     "fine_tune_learning_rate": "Adam learning rate of fine-tuning (cosine-decayed over the epochs)",
-    "fine_tune_epochs": "fine-tuning epochs at most (early stopping on validation accuracy after half of them, patience 3)",
+    "fine_tune_epochs": "fine-tuning epochs at most (early stopping on validation accuracy, patience 3 counted from half of them)",
     "quantize": "also write <graph>.int8.onnx: static int8 (QDQ), head re-fitted to it (none or int8)",
     "max_accuracy_drop": "with --quantize int8: points of test accuracy the int8 model may lose, else not written",
 }
