@@ -159,8 +159,12 @@ def _train_args(shared: Path, data: Path, work: Path, steps: str = "20") -> list
 
 
 def _popen(args: list[str]) -> subprocess.Popen:
+    """flowerx as a foreground process: SIGINT at its default even when the suite itself runs in the
+    background (a shell starts background jobs with SIGINT ignored, and Python then never raises
+    KeyboardInterrupt, so the Ctrl-C case would test nothing)."""
     return subprocess.Popen([sys.executable, "-m", "flowerx", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, COLUMNS="200"))
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, COLUMNS="200"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.mark.slow
