@@ -78,11 +78,11 @@ def test_interrupted_fine_tuning_resumes_at_its_next_epoch(shared, tmp_path):
             "--output-graph", str(tmp_path / "model.onnx"), "--how-many-training-steps", "200",
             "--testing-percentage", "20", "--validation-percentage", "20", "--fine-tune-blocks", "2",
             "--fine-tune-epochs", "6", "--fine-tune-learning-rate", "0.01"]
-    proc = subprocess.Popen([sys.executable, "-m", "flowerx", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    log = (tmp_path / "first-run.log").open("w")  # a file, not a pipe nobody reads while it runs
+    proc = subprocess.Popen([sys.executable, "-m", "flowerx", *args], stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while not list((tmp_path / "bn").rglob("fine-tune-model.npz")):  # written after each epoch
-        assert proc.poll() is None, proc.communicate()
+        assert proc.poll() is None, (tmp_path / "first-run.log").read_text()
         assert time.monotonic() < deadline, "fine-tuning never finished an epoch"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
