@@ -2,7 +2,7 @@
 #   make demo   create .venv, install flowerx with its extras, train on the flower photos, classify a daisy
 #   make test   create .venv, install flowerx with its extras, run the test suite
 # make bench regenerates benchmarks/results/ and benchmarks/README.md (several minutes; keep the machine quiet).
-# make accuracy regenerates benchmarks/results/accuracy.json, the README's accuracy table (about 30 minutes).
+# make accuracy regenerates benchmarks/results/accuracy.json, the README's accuracy table (about 20 minutes).
 PYTHON ?= python3
 VENV ?= .venv
 SHARED ?= ../shared
