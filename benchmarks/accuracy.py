@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
+from benchmarks.train_speed import run_flowerx_train
 from flowerx.bench import machine_info
 
 DISTORT = ["--flip-left-right", "--random-scale", "15", "--random-brightness", "10", "--distorted-views", "4"]
@@ -33,24 +30,15 @@ ROWS: list[tuple[str, list[str]]] = [
     ("fine-tuned, int8", ["--fine-tune-blocks", "13", "--quantize", "int8"]),  # reuses the fine-tuned checkpoint
 ]
 ARCHITECTURES = ("mobilenet_0.25_224", "mobilenet_1.0_224")
-PEAK_RSS = "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); " \
-           "print('PEAK_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)"
 
 
 def train(arch: str, extra: list[str], shared: Path, work: Path, name: str) -> dict:
     out = work / arch / re.sub(r"\W+", "_", name)
-    cmd = [sys.executable, "-c", PEAK_RSS, sys.executable, "-m", "flowerx", "train", "--image-dir",
-           str(shared / "flower_photos"), "--architecture", arch, "--model-dir", str(shared / "models"),
-           "--bottleneck-dir", str(work / "bottlenecks"), "--summaries-dir", "", "--output-graph",
-           str(out / "model.onnx"), *extra]
-    start = time.perf_counter()
-    result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, COLUMNS="200"))
-    wall = time.perf_counter() - start
-    if result.returncode != 0:
-        raise SystemExit(f"flowerx train {' '.join(extra)} failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
-    text = result.stdout
-    row = {"architecture": arch, "row": name, "flags": extra, "wall_s": round(wall, 1),
-           "peak_mb": int(re.search(r"PEAK_KB (\d+)", text).group(1)) // 1024,
+    wall, peak_mb, text = run_flowerx_train([
+        "--image-dir", str(shared / "flower_photos"), "--architecture", arch, "--model-dir", str(shared / "models"),
+        "--bottleneck-dir", str(work / "bottlenecks"), "--summaries-dir", "", "--output-graph",
+        str(out / "model.onnx"), *extra])
+    row = {"architecture": arch, "row": name, "flags": extra, "wall_s": round(wall, 1), "peak_mb": int(peak_mb),
            "test_accuracy": float(re.search(r"Final test accuracy = ([\d.]+)%", text).group(1)),
            "validation_accuracy": float(re.findall(r"validation accuracy +([\d.]+)%", text)[-1])}
     kept = re.search(r"kept epoch (\d+) \(validation accuracy ([\d.]+)%", text)

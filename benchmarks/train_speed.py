@@ -38,22 +38,28 @@ PEAK_RSS = "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); 
            "print('PEAK_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)"
 
 
-def flowerx_train(arch: str, shared: Path, work: Path) -> dict:
-    """One `flowerx train` run in a real process: wall time, peak RSS, and the phase times it prints."""
-    cmd = [sys.executable, "-c", PEAK_RSS, sys.executable, "-m", "flowerx", "train", "--image-dir",
-           str(shared / "flower_photos"), "--architecture", arch, "--model-dir", str(shared / "models"),
-           "--bottleneck-dir", str(work / "bottlenecks"), "--summaries-dir", str(work / "summaries"),
-           "--output-graph", str(work / "model.onnx")]
+def run_flowerx_train(args: list[str]) -> tuple[float, float, str]:
+    """`flowerx train ARGS` in a real process: (wall seconds, peak RSS in MB, its stdout); exits on failure."""
+    cmd = [sys.executable, "-c", PEAK_RSS, sys.executable, "-m", "flowerx", "train", *args]
     start = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, COLUMNS="200"))
     wall = time.perf_counter() - start
     if result.returncode != 0:
-        raise SystemExit(f"flowerx train failed: {result.stderr[-2000:]}")
-    phases = dict(re.findall(r"(bottlenecks|head|export) ([\d.]+) s", result.stdout))
-    return {"wall_s": wall, "peak_mb": int(re.search(r"PEAK_KB (\d+)", result.stdout).group(1)) / 1024,
+        raise SystemExit(f"flowerx train {' '.join(args)} failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
+    return wall, int(re.search(r"PEAK_KB (\d+)", result.stdout).group(1)) / 1024, result.stdout
+
+
+def flowerx_train(arch: str, shared: Path, work: Path) -> dict:
+    """One `flowerx train` run: wall time, peak RSS, and the phase times it prints."""
+    wall, peak_mb, stdout = run_flowerx_train([
+        "--image-dir", str(shared / "flower_photos"), "--architecture", arch, "--model-dir", str(shared / "models"),
+        "--bottleneck-dir", str(work / "bottlenecks"), "--summaries-dir", str(work / "summaries"),
+        "--output-graph", str(work / "model.onnx")])
+    phases = dict(re.findall(r"(bottlenecks|head|export) ([\d.]+) s", stdout))
+    return {"wall_s": wall, "peak_mb": peak_mb,
             "bottlenecks_s": float(phases["bottlenecks"]), "head_s": float(phases["head"]),
             "export_s": float(phases["export"]),
-            "test_accuracy": float(re.search(r"Final test accuracy = ([\d.]+)%", result.stdout).group(1))}
+            "test_accuracy": float(re.search(r"Final test accuracy = ([\d.]+)%", stdout).group(1))}
 
 
 def decode_rates(paths: list[Path], size: int, cores: int) -> tuple[float, float]:

@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .architectures import Architecture
-from .data import Distortion, ImageItem, open_image, prepare_image
+from .data import Distortion, ImageItem, prepare_image
 from .errors import FlowerxError, ImageError
 
 # Bump when the decode rule or the features change, so old entries are never mixed with new ones.
@@ -191,8 +191,7 @@ def get_bottlenecks(
                 if view is None:
                     image = prepare_image(data, size)
                 else:
-                    image = view[0].apply(open_image(data, min_size=view[0].largest_side(size)), size,
-                                          seed=int(key[:15], 16))
+                    image = view[0].view(data, size, seed=int(key[:15], 16))
                 todo.append((pos, key, image))
                 results.append((status, None))
             except ImageError as e:

@@ -218,6 +218,10 @@ class Distortion:
         """The largest side a view is cut from (the JPEG decode needs no more)."""
         return int(np.ceil(size * (1 + self.random_crop / 100) * (1 + self.random_scale / 100)))
 
+    def view(self, source: ImageSource, size: int, seed: int) -> np.ndarray:
+        """Decode source (no larger than the view needs) and return its view for seed: uint8 [S, S, 3]."""
+        return self.apply(open_image(source, min_size=self.largest_side(size)), size, seed)
+
     def apply(self, image: Image.Image, size: int, seed: int) -> np.ndarray:
         """One view of image as uint8 [S, S, 3]; the same seed gives the same view."""
         rng = np.random.default_rng(seed)

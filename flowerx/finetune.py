@@ -31,7 +31,7 @@ import numpy as np
 from rich.console import Console
 
 from .architectures import Architecture
-from .data import Distortion, ImageItem, open_image, prepare_image
+from .data import Distortion, ImageItem, prepare_image
 from .errors import FlowerxError
 from .fileio import atomic_write
 
@@ -66,7 +66,6 @@ class FineTuneResult:
     epochs: int  # the kept epoch (0: fine-tuning never beat the head alone)
     test_predictions: np.ndarray  # argmax per test item, in the order given
     distortion: str = ""  # the fresh views' settings (Distortion.id)
-    resumed_at: int = 0  # epochs found done in a checkpoint
     history: list[dict] = field(default_factory=list)  # per epoch: train loss/accuracy, validation accuracy
 
 
@@ -75,9 +74,7 @@ def _seed(*parts: int) -> int:
 
 
 def _decode(item: ImageItem, size: int, distortion: Distortion | None, seed: int) -> np.ndarray:
-    if distortion is None:
-        return prepare_image(item.path, size)
-    return distortion.apply(open_image(item.path, min_size=distortion.largest_side(size)), size, seed)
+    return prepare_image(item.path, size) if distortion is None else distortion.view(item.path, size, seed)
 
 
 def _image_batches(
@@ -219,7 +216,6 @@ def fine_tune(
         best = snapshot()
         console.print(f"Fine-tune the top {blocks} block(s) on fresh views ({distortion.id}): validation "
                       f"accuracy before {start * 100:5.1f}%", highlight=False)
-    resumed_at = state["epoch"]
     writer = (tf.summary.create_file_writer(str(summary_dir / "fine_tune")) if summary_dir is not None
               else tf.summary.create_noop_writer())
     rng_seed = _seed(seed, 7)
@@ -258,4 +254,4 @@ def fine_tune(
         writer.flush()
         pool.shutdown(cancel_futures=True)
     return FineTuneResult(w.numpy(), b.numpy(), float(state["best_accuracy"]), int(state["best_epoch"]),
-                          predictions, distortion.id, resumed_at, state["history"])
+                          predictions, distortion.id, state["history"])
