@@ -96,13 +96,14 @@ def network_rates(features_onnx: Path, size: int, cores: int, batch: int = 32) -
 
 def cold_pass(items, arch, weights: Path, features_onnx: Path, root: Path) -> float:
     """Seconds of flowerx's bottleneck pass into an empty cache (the network already converted)."""
+    from flowerx.events import QUIET
     from flowerx.train import _Networks
 
     shutil.rmtree(root, ignore_errors=True)
     cache = BottleneckCache(root, arch, weights_fingerprint(weights))
     cache.dir.mkdir(parents=True)
     shutil.copy(features_onnx, cache.dir / "features.onnx")
-    networks = _Networks(arch, weights, cache.dir, items)
+    networks = _Networks(arch, weights, cache.dir, items, QUIET)
     start = time.perf_counter()
     get_bottlenecks(items, cache, networks.batch_fn)
     return time.perf_counter() - start

@@ -84,8 +84,11 @@ def check_parity(
     session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     got = session.run(None, {"image": images})[0]
     want = np.asarray(keras_model(images, training=False))
+    if not (np.isfinite(got).all() and np.isfinite(want).all()):
+        raise FlowerxError(f"the exported model's outputs are not finite (NaN or inf) on {len(images)} real images: "
+                           "training diverged; model not written")
     diff = float(np.abs(got - want).max())
-    if diff > atol or (top1 and not np.array_equal(got.argmax(1), want.argmax(1))):
+    if not diff <= atol or (top1 and not np.array_equal(got.argmax(1), want.argmax(1))):  # NaN-safe
         raise FlowerxError(
             f"exported ONNX model disagrees with Keras on {len(images)} real images "
             f"(max difference {diff:.2e} > {atol:.0e} or a different top-1); model not written"

@@ -10,6 +10,7 @@ import os
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .errors import FlowerxError
 from .fileio import download, file_hash
@@ -102,14 +103,16 @@ def weights_fingerprint(path: Path) -> str:
     return file_hash(path)[:12]
 
 
-def resolve_weights(arch: Architecture, model_dir: str | os.PathLike) -> Path:
-    """The ImageNet weights file for arch in model_dir, downloading it there when absent."""
+def resolve_weights(arch: Architecture, model_dir: str | os.PathLike,
+                    on_progress: Callable[[int, int | None], None] | None = None) -> Path:
+    """The ImageNet weights file for arch in model_dir, downloading it there when absent (on_progress gets
+    the bytes so far and the total)."""
     model_dir = Path(model_dir).expanduser()
     path = model_dir / arch.weights_file
     if path.is_file():
         return path
     try:
-        return download(arch.weights_url, path, KNOWN_HASHES.get(arch.weights_file))
+        return download(arch.weights_url, path, KNOWN_HASHES.get(arch.weights_file), on_progress=on_progress)
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         present = available_architectures(model_dir)
         have = f"weights present there: {', '.join(present)}" if present else "no weights are present there"

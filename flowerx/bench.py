@@ -146,9 +146,14 @@ def _plan_models(cfg: BenchConfig) -> list[_Model]:
         folder = work / f"{arch.name}-{weights}"
         models.append(_Model(arch.name, arch.name, folder, folder / "model.onnx"))
     for graph in map(Path, cfg.graphs):
-        from .predictor import Predictor
+        from .predictor import NoMetadataError, Predictor
 
-        predictor = Predictor(graph, providers="cpu")
+        try:
+            predictor = Predictor(graph, providers="cpu")
+        except NoMetadataError:
+            raise FlowerxError(f"{graph} has no flowerx metadata: bench --graph times models written by flowerx "
+                               "train (it reads their architecture); time the network by name with "
+                               "--architectures instead") from None
         arch = predictor.metadata.get("architecture")
         if arch not in ARCHITECTURES:
             raise FlowerxError(f"{graph} does not say which architecture it is (metadata 'architecture')")
@@ -274,10 +279,11 @@ def run(cfg: BenchConfig, on_step: Callable[[str], None] = lambda s: None) -> Be
     for model in (m for m in models if m.trained and cfg.image_dir):
         on_step(f"accuracy of {model.name}")
         from .evaluate import evaluate
-        from .predictor import Predictor
+        from .predictor import Predictor, read_training, split_percentages
 
         predictor = Predictor(model.onnx, providers="cpu")
-        split = "test" if "testing_percentage" in predictor.metadata.get("training", "") else "all"
+        training = read_training(predictor.metadata, model.onnx.name)
+        split = "test" if split_percentages(training, model.onnx.name) or training.get("split") == "folders" else "all"
         accuracy = evaluate(predictor, cfg.image_dir, split).accuracy
         for row in rows:
             if row.model == model.name and row.runtime == "onnxruntime" and row.status == "ok":

@@ -22,8 +22,9 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .architectures import Architecture
-from .data import Distortion, ImageItem, prepare_image
+from .data import Distortion, ImageItem, max_image_bytes, prepare_image
 from .errors import FlowerxError, ImageError
+from .fileio import RefusedFile, read_regular
 
 # Bump when the decode rule or the features change, so old entries are never mixed with new ones.
 CACHE_VERSION = "v1"
@@ -153,6 +154,7 @@ def get_bottlenecks(
     Returns (features [n, D], ok mask [n], stats); rows of failed images are zero and not ok.
     """
     workers = workers or os.cpu_count() or 1
+    limit = max_image_bytes()
     features = _allocate((len(items), *cache.shape), cache.dtype, cache.dir)
     ok = np.zeros(len(items), bool)
     stats = BottleneckStats()
@@ -171,7 +173,10 @@ def get_bottlenecks(
         todo: list[tuple[int, str, np.ndarray]] = []  # (position in batch, key, decoded image)
         for pos, i in enumerate(batch):
             try:
-                data = items[i].path.read_bytes()
+                data = read_regular(items[i].path, limit)  # never a FIFO or device: they would hang or never end
+            except RefusedFile as e:
+                results.append(("failed", str(e)))
+                continue
             except OSError as e:
                 results.append(("failed", f"cannot read file ({e.strerror or e})"))
                 continue

@@ -1,64 +1,140 @@
 """The `flowerx` command: parses arguments, calls the library, prints. Nothing else lives here.
 
 retrain.py / label_image.py spellings with underscores (--image_dir) are accepted as well as kebab case.
+Everything printed that comes from users or models (file names, labels, metadata, messages quoting them)
+goes through `printable` and is printed as plain text, never as rich markup.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import re
 import sys
+import threading
+import time
 from dataclasses import fields
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
+from rich.filesize import decimal
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from .errors import FlowerxError, ImageError
 
-# Piped output gets wide tables rather than rich's 80-column default.
-out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+DESCRIPTION = ("Teach an ImageNet network new image classes in minutes: train a new last layer on your folders "
+               "of images, export one ONNX file, classify with it anywhere (no TensorFlow needed to classify).")
+EPILOG = ("Quick start: flowerx download-flowers; flowerx train --image-dir flower_photos; "
+          "flowerx classify photo.jpg. Add -h after a command for its flags.")
+TRAIN_MODULES = ("tensorflow", "keras", "tf2onnx", "onnx")  # what the [train] extra installs
 
-TRAIN_HELP = {
-    "image_dir": "folder of class subfolders of images; subfolder names are the labels",
-    "architecture": "mobilenet_<1.0|0.75|0.50|0.25>_<224|192|160|128> or inception_v3",
-    "model_dir": "pretrained-weights cache: the Keras weights file is looked for here, downloaded here if absent",
-    "bottleneck_dir": "cache of per-image bottleneck features, reused by later runs",
-    "summaries_dir": "TensorBoard summaries (tensorboard --logdir DIR); empty to disable",
-    "experiment_name": "TensorBoard run name, replaced on each run (default: the architecture)",
-    "output_graph": "where to write the trained ONNX model",
-    "output_labels": "where to write the labels, one per line (default: labels.txt beside the graph)",
-    "how_many_training_steps": "training steps of the softmax layer",
-    "learning_rate": "SGD learning rate",
-    "testing_percentage": "percentage of images held out for the final test",
-    "validation_percentage": "percentage of images used for validation",
-    "eval_step_interval": "evaluate and print every this many steps",
-    "train_batch_size": "bottlenecks per training step",
-    "validation_batch_size": "validation images per evaluation (-1: all)",
-    "test_batch_size": "test images for the final accuracy (-1: all)",
-    "print_misclassified_test_images": "list the test images the model gets wrong",
-    "bottleneck_batch_size": "images per network call when computing bottlenecks",
-    "seed": "random seed of the head's training",
-    "flip_left_right": "distortion: mirror training views at random",
-    "random_crop": "distortion: crop margin of training views, percent",
-    "random_scale": "distortion: random up-scaling of training views before the crop, up to this percent",
-    "random_brightness": "distortion: multiply training views' brightness by 1 +- up to this percent",
-    "distorted_views": "distorted views cached per training image when a distortion is on",
-    "fine_tune_blocks": "after the head, also train the network's top N blocks on fresh distorted views "
-                        "(0: head only; MobileNet 1-13, 13 = all; Inception V3 1-10)",
-    "fine_tune_learning_rate": "Adam learning rate of fine-tuning (cosine-decayed over the epochs)",
-    "fine_tune_epochs": "fine-tuning epochs at most (early stopping on validation accuracy, patience 3 counted from half of them)",
-    "quantize": "also write <graph>.int8.onnx: static int8 (QDQ), head re-fitted to it (none or int8)",
-    "max_accuracy_drop": "with --quantize int8: points of test accuracy the int8 model may lose, else not written",
-}
+# Piped output gets wide tables rather than rich's 80-column default.
+out = Console(highlight=False, soft_wrap=True, emoji=False,
+              width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
+
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ud800-\udfff]")
+
+
+def _escape_char(match: re.Match) -> str:
+    c = match.group()
+    if "\ud800" <= c <= "\udfff":  # a byte of a name that is not UTF-8 (os.fsdecode's surrogateescape)
+        return f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else f"\\u{ord(c):04x}"
+    return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(c, f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def printable(text: object) -> str:
+    """text with control characters, bidi overrides and undecodable bytes shown as escapes (\\x1b, \\n):
+    a name can neither drive the terminal nor break a line. Print it as plain text (Text), not markup."""
+    return _UNPRINTABLE.sub(_escape_char, str(text))
+
+
+def say(console: Console, text: object, style: str = "") -> None:
+    console.print(Text(printable(text), style=style))
+
+
+def warn(console: Console, text: object) -> None:
+    console.print(Text.assemble(("warning:", "yellow"), " ", printable(text)))
+
+
+class _Amount(ProgressColumn):
+    """done/total and the rate since the task's work began (images or bytes); nothing for a plain step."""
+
+    def render(self, task) -> Text:
+        unit = task.fields.get("unit", "")
+        if not unit:
+            return Text("")
+        show = decimal if unit == "B" else str
+        amount = f"{show(int(task.completed))}/{show(int(task.total))}" if task.total else show(int(task.completed))
+        elapsed = time.monotonic() - task.fields["t0"]
+        done = task.completed - task.fields["n0"]
+        rate = "" if elapsed <= 0 or done <= 0 else (
+            f" {decimal(int(done / elapsed))}/s" if unit == "B" else f" {done / elapsed:.0f} {unit}/s")
+        return Text(amount + rate)
+
+
+class Reporter:
+    """Prints the core's events (flowerx.events.Events): messages as plain lines, progress as bars.
+    verbosity -1 (-q): warnings only; 0: info and step lines, bars; 1 (-v): details too."""
+
+    def __init__(self, verbosity: int = 0, console: Console = out, transient: bool = False):
+        self.verbosity, self.console, self.transient = verbosity, console, transient
+        self._bars: Progress | None = None
+        self._tasks: dict[str, int] = {}
+        self._lock = threading.RLock()
+
+    def events(self):
+        from .events import Events
+
+        return Events(message=self.message, progress=self.progress)
+
+    def message(self, kind: str, text: str) -> None:
+        if (kind == "detail" and self.verbosity < 1) or (kind in ("info", "step") and self.verbosity < 0):
+            return
+        with self._lock:
+            console = self._bars.console if self._bars else self.console
+            warn(console, text) if kind == "warning" else say(console, text)
+
+    def progress(self, task: str, done: int, total: int | None, unit: str = "") -> None:
+        if self.verbosity < 0:
+            return
+        with self._lock:
+            if self._bars is None:
+                self._bars = Progress(TextColumn("[bold]{task.description}"), BarColumn(), _Amount(),
+                                      TimeRemainingColumn(), console=self.console, transient=self.transient)
+                self._bars.start()
+                self._tasks = {}
+            if task not in self._tasks:
+                self._tasks[task] = self._bars.add_task(escape(printable(task)), total=total,
+                                                        unit=unit, t0=time.monotonic(), n0=done)
+            self._bars.update(self._tasks[task], completed=done, total=total)
+            if total is not None and done >= total:
+                if not unit:  # a one-time step (e.g. the network's export) ended: rates count from now
+                    for other in self._bars.tasks:
+                        other.fields.update(t0=time.monotonic(), n0=other.completed)
+                if all(t.finished for t in self._bars.tasks):
+                    self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._bars is not None:
+                self._bars.stop()
+                self._bars = None
 
 
 def _normalize_flags(argv: list[str]) -> list[str]:
-    """--image_dir=x -> --image-dir=x, so retrain.py's commands work unchanged."""
+    """--image_dir=x -> --image-dir=x, so retrain.py's commands work unchanged; arguments after `--` are
+    left alone."""
     fixed = []
-    for arg in argv:
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return fixed + argv[i:]
         if arg.startswith("--") and "_" in arg.split("=", 1)[0]:
             flag, eq, value = arg.partition("=")
             arg = flag.replace("_", "-") + eq + value
@@ -66,52 +142,72 @@ def _normalize_flags(argv: list[str]) -> list[str]:
     return fixed
 
 
-def _add_train(sub) -> None:
-    from .train import TrainConfig
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    level = common.add_mutually_exclusive_group()
+    level.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity", default=0,
+                       help="print only warnings, errors and the final lines")
+    level.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity",
+                       help="print details too (paths, caches, run folders)")
+    return common
+
+
+def _add_train(sub, common) -> None:
+    from .train import GROUPS, TrainConfig
 
     p = sub.add_parser(
-        "train", help="retrain the last layer on a folder of images and export one ONNX file",
-        description="Cache bottlenecks, train a softmax layer on them, export base + head as ONNX. "
-        "retrain.py's underscore spellings (--image_dir) are accepted too.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "train", parents=[common], help="retrain the last layer on a folder of images and export one ONNX file",
+        description="Cache bottlenecks, train a softmax layer on them, export base + head as one ONNX file "
+        "(with its labels and preprocessing). retrain.py's underscore spellings (--image_dir) work too.",
     )
+    groups = {name: p.add_argument_group(name) for name in GROUPS}
     for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool" or isinstance(f.default, bool):
-            p.add_argument(flag, action="store_true", help=TRAIN_HELP[f.name])
-        else:
-            kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-            p.add_argument(flag, type=kind, default=f.default, help=TRAIN_HELP[f.name], required=f.name == "image_dir",
-                           choices=["none", "int8"] if f.name == "quantize" else None)
+        meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+        group = groups[meta["group"]]
+        if isinstance(f.default, bool):
+            group.add_argument(flag, action="store_true", help=meta["help"])
+            continue
+        shown = "" if meta.get("required") or meta.get("derived") else f" (default: {f.default})"
+        group.add_argument(flag, type=type(f.default), default=f.default, help=meta["help"] + shown,
+                           required=bool(meta.get("required")), choices=meta.get("choices"),
+                           metavar=None if meta.get("choices") else {"graph": "PATH", "labels": "PATH"}.get(
+                               f.name.split("_")[-1], f.name.split("_")[-1].upper()))
 
 
-def _add_classify(sub) -> None:
-    p = sub.add_parser("classify", help="classify images with a flowerx ONNX model (no TensorFlow)")
-    p.add_argument("images", nargs="*", help="image files or folders of images")
-    p.add_argument("--image", action="append", default=[], help="an image (label_image.py spelling); repeatable")
+def _add_model_flags(p) -> None:
     p.add_argument("--graph", default="model.onnx", help="the ONNX model (default: model.onnx)")
     p.add_argument("--labels", help="labels file, for an ONNX model without flowerx metadata")
     p.add_argument("--input-size", type=int, help="input side S, for an ONNX model without flowerx metadata")
+    p.add_argument("--providers", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="execution provider (default: auto)")
+
+
+def _add_classify(sub, common) -> None:
+    p = sub.add_parser("classify", parents=[common], help="classify images with a flowerx ONNX model (no TensorFlow)")
+    p.add_argument("images", nargs="*", help="image files or folders of images")
+    p.add_argument("--image", action="append", default=[], help="an image (label_image.py spelling); repeatable")
+    _add_model_flags(p)
     p.add_argument("--top-k", type=int, default=5, help="labels to print per image (default: 5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.add_argument("--providers", default="auto", choices=["auto", "cpu", "cuda"], help="execution provider")
+    p.add_argument("--follow-links", action="store_true", help="in folders, follow links that lead outside them")
 
 
-def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="accuracy, per-class precision/recall and confusion matrix on a labelled folder")
-    p.add_argument("--graph", default="model.onnx", help="the ONNX model (default: model.onnx)")
+def _add_evaluate(sub, common) -> None:
+    p = sub.add_parser("evaluate", parents=[common],
+                       help="accuracy, per-class precision/recall and confusion matrix on a labelled folder")
+    _add_model_flags(p)
     p.add_argument("--image-dir", required=True, help="folder of class subfolders named as the model's labels")
     p.add_argument("--split", default="all", choices=["all", "train", "validation", "test"],
                    help="evaluate only this part of the training run's split (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--output", help="also write the JSON report to this file")
-    p.add_argument("--providers", default="auto", choices=["auto", "cpu", "cuda"], help="execution provider")
+    p.add_argument("--follow-links", action="store_true", help="follow folder links that lead outside the image dir")
 
 
-def _add_bench(sub) -> None:
+def _add_bench(sub, common) -> None:
     from .bench import DEFAULT_ARCHITECTURES, RUNTIMES
 
-    p = sub.add_parser("bench", help="latency tables across model sizes and runtimes",
+    p = sub.add_parser("bench", parents=[common], help="latency tables across model sizes and runtimes",
                        description="Each runtime is timed in its own process. Sizes without local pretrained "
                        "weights are built with random weights (latency does not depend on them).")
     p.add_argument("--architectures", nargs="+", help=f"models to bench (default: {' '.join(DEFAULT_ARCHITECTURES)})")
@@ -126,140 +222,175 @@ def _add_bench(sub) -> None:
     p.add_argument("--runs", type=int, help="batch-1 runs per measurement, at most (default: 100)")
     p.add_argument("--seconds", type=float, help="time budget per batch-1 measurement (default: 3)")
     p.add_argument("--batch", type=int, help="batch size for throughput (default: 32)")
+    p.add_argument("--wide", action="store_true", help="every column in the table (default: the main ones)")
     p.add_argument("--json", metavar="PATH", help="write the results (with the machine's description) as JSON")
     p.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
     p.add_argument("--plot", metavar="PATH", help="draw latency vs. accuracy (or MACs) to a PNG")
 
 
-def _add_export_int8(sub) -> None:
-    p = sub.add_parser("export-int8", help="write an int8 (static QDQ) copy of a trained model, if accurate enough")
+def _add_export_int8(sub, common) -> None:
+    p = sub.add_parser("export-int8", parents=[common],
+                       help="write an int8 (static QDQ) copy of a trained model, if accurate enough")
     p.add_argument("--graph", default="model.onnx", help="the trained float model (default: model.onnx)")
     p.add_argument("--image-dir", required=True, help="the labelled folder it was trained on (calibration, test)")
     p.add_argument("--max-accuracy-drop", type=float, default=1.0,
                    help="points of test accuracy the int8 model may lose, else it is not written (default: 1.0)")
+    p.add_argument("--follow-links", action="store_true", help="follow folder links that lead outside the image dir")
 
 
-def _add_download(sub) -> None:
-    p = sub.add_parser("download-flowers", help="download the tutorial's flower photos (CC-BY) to train on")
+def _add_download(sub, common) -> None:
+    p = sub.add_parser("download-flowers", parents=[common],
+                       help="download the tutorial's flower photos (CC-BY) to train on")
     p.add_argument("--dest", default=".", help="folder to put flower_photos/ in (default: .)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="flowerx", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="flowerx", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"flowerx {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_train(sub)
-    _add_classify(sub)
-    _add_evaluate(sub)
-    _add_bench(sub)
-    _add_export_int8(sub)
-    _add_download(sub)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _common()
+    for add in (_add_train, _add_classify, _add_evaluate, _add_bench, _add_export_int8, _add_download):
+        add(sub, common)
     return parser
+
+
+def _need_train_extra(command: str) -> None:
+    """Training needs TensorFlow and the converters: say which extra installs them, before any work."""
+    missing = [m for m in TRAIN_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise FlowerxError(f"flowerx {command} needs {', '.join(missing)}: pip install \"flowerx[train]\" "
+                           "(the base install only classifies)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from . import train
 
     cfg = train.TrainConfig(**{f.name: getattr(args, f.name) for f in fields(train.TrainConfig)})
-    result = train.run(cfg, out)
+    cfg.check()
+    _need_train_extra("train")
+    reporter = Reporter(args.verbosity)
+    try:
+        result = train.run(cfg, reporter.events())
+    finally:
+        reporter.close()
     if result.test_count:
-        out.print(f"Final test accuracy = {result.test_accuracy * 100:.1f}% (N={result.test_count})")
+        say(out, f"Final test accuracy = {result.test_accuracy * 100:.1f}% (N={result.test_count})")
     else:
-        out.print("Final test accuracy = n/a (N=0: no test images; raise --testing-percentage)")
+        say(out, "Final test accuracy = n/a (N=0: no test images; raise --testing-percentage)")
     if cfg.print_misclassified_test_images:
-        out.print("=== MISCLASSIFIED TEST IMAGES ===")
+        say(out, "=== MISCLASSIFIED TEST IMAGES ===")
         for relpath, predicted, true in result.misclassified:
-            out.print(f"{relpath:>70}  predicted {predicted}, is {true}")
+            say(out, f"{printable(relpath):>70}  predicted {predicted}, is {true}")
     if result.int8 is not None:
-        out.print(result.int8.message, style=None if result.int8.written else "yellow")
+        say(out, result.int8.message, style="" if result.int8.written else "yellow")
     t = result.timings
-    out.print(
-        f"Wrote {result.output_graph} and {result.output_labels} "
-        f"(ONNX matches Keras to {result.parity_max_diff:.1e}); "
-        f"bottlenecks {t['bottlenecks_s']:.1f} s, head {t['head_s']:.1f} s, export {t['export_s']:.1f} s, "
-        f"total {t['total_s']:.1f} s"
-    )
+    say(out, f"Wrote {result.output_graph} and {result.output_labels} "
+             f"(ONNX matches Keras to {result.parity_max_diff:.1e}); "
+             f"bottlenecks {t['bottlenecks_s']:.1f} s, head {t['head_s']:.1f} s, export {t['export_s']:.1f} s, "
+             f"total {t['total_s']:.1f} s")
     return 0
 
 
-def _read_labels(path: str | None) -> list[str] | None:
-    if path is None:
-        return None
-    try:
-        return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    except OSError as e:
-        raise FlowerxError(f"cannot read labels file {path}: {e.strerror or e}") from None
+def _predictor(args: argparse.Namespace):
+    from .predictor import Predictor, read_labels_file
+
+    labels = read_labels_file(args.labels) if args.labels else None
+    return Predictor(args.graph, args.providers, labels, args.input_size)
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
     from .data import list_images
-    from .predictor import Predictor
 
-    sources = list(args.images) + list(args.image)
+    sources = [os.path.expanduser(s) for s in list(args.images) + list(args.image)]
     if not sources:
         raise FlowerxError("give at least one image (or folder) to classify")
     if args.top_k <= 0:
         raise FlowerxError("--top-k must be positive")
-    predictor = Predictor(args.graph, args.providers, _read_labels(args.labels), args.input_size)
+    predictor = _predictor(args)
     paths = []
     for source in sources:
-        paths.extend(list_images(Path(source)) if os.path.isdir(source) else [Path(source)])
+        paths.extend(list_images(source, args.follow_links) if os.path.isdir(source) else [Path(source)])
     if not paths:
         raise FlowerxError(f"no images found in {', '.join(sources)}")
+    kind = "probabilities" if predictor.probabilities_out else "scores"
+    if not predictor.probabilities_out and not args.json:
+        warn(err, f"{args.graph}: its outputs are scores, not probabilities (they do not sum to 1)")
     results, failures = [], 0
-    for path in paths:
-        try:
-            ranked = predictor.predict(path, args.top_k)
-            results.append({"image": str(path), "predictions": [{"label": l, "score": s} for l, s in ranked]})
-        except ImageError as e:
-            failures += 1
-            results.append({"image": str(path), "error": str(e)})
-            err.print(f"error: {e}")
-            continue
-        if not args.json:
-            if len(paths) > 1:
-                out.print(f"[bold]{path}[/]")
-            for label, score in ranked:
-                out.print(f"{label} {score:.5f}")
+    reporter = Reporter(args.verbosity if len(paths) > 1 and not args.json else -1, err, transient=True)
+    try:
+        for n, path in enumerate(paths):
+            reporter.progress("Classifying", n, len(paths), "img")
+            try:
+                ranked = predictor.predict(path, args.top_k)
+                results.append({"image": str(path), "predictions": [{"label": p.label, "score": p.score}
+                                                                    for p in ranked]})
+            except ImageError as e:
+                failures += 1
+                results.append({"image": str(path), "error": str(e)})
+                say(err, f"error: {e}")
+                continue
+            if not args.json:
+                if len(paths) > 1:
+                    say(out, path, style="bold")
+                for p in ranked:
+                    say(out, f"{p.label} {p.score:.5f}")
+        reporter.progress("Classifying", len(paths), len(paths), "img")
+    finally:
+        reporter.close()
     if args.json:
-        print(json.dumps({"model": str(args.graph), "provider": predictor.provider, "results": results}, indent=2))
+        print(json.dumps({"model": str(args.graph), "provider": predictor.provider, "output": kind,
+                          "results": results}, indent=2))
     return 1 if failures else 0
 
 
+def _table(title: str, columns: list[str], left: tuple[str, ...] = ("label",)) -> Table:
+    table = Table(title=Text(printable(title)), box=box.SIMPLE_HEAD)
+    for column in columns:
+        table.add_column(Text(printable(column)), justify="left" if column in left else "right",
+                         overflow="fold")
+    return table
+
+
+def _row(table: Table, *cells: object) -> None:
+    table.add_row(*(Text(printable(c)) for c in cells))
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from rich.progress import Progress
-
     from .evaluate import evaluate
-    from .predictor import Predictor
+    from .fileio import atomic_write, check_outputs
 
-    predictor = Predictor(args.graph, args.providers)
-    with Progress(console=err, transient=True) as progress:
-        task = progress.add_task("Evaluating", total=None)
-        report = evaluate(predictor, args.image_dir, args.split, on_progress=lambda n: progress.advance(task, n))
-    for _, reason in report.failed:
-        err.print(f"[yellow]warning:[/] skipped {reason}")
     if args.output:
-        from .fileio import atomic_write
+        check_outputs({"--output": args.output}, {"--graph": args.graph})
+    predictor = _predictor(args)
+    reporter = Reporter(-1 if args.verbosity < 0 else 0, err, transient=True)
+    try:
+        done = [0]
 
-        atomic_write(args.output, report.to_json().encode())
+        def advance(n: int) -> None:
+            done[0] += n
+            reporter.progress("Evaluating", done[0], None, "img")
+
+        report = evaluate(predictor, args.image_dir, args.split, on_progress=advance, follow_links=args.follow_links)
+    finally:
+        reporter.close()
+    for _, reason in report.failed:
+        warn(err, f"skipped {reason}")
+    if args.output:
+        atomic_write(Path(args.output).expanduser(), report.to_json().encode())
     if args.json:
         print(report.to_json())
         return 0
-    table = Table(title=f"{Path(args.graph).name} on {args.image_dir} ({report.split}): "
-                        f"accuracy {report.accuracy * 100:.1f}% (N={report.count})")
-    for column in ("label", "precision", "recall", "support"):
-        table.add_column(column, justify="left" if column == "label" else "right")
+    table = _table(f"{Path(args.graph).name} on {args.image_dir} ({report.split}): "
+                   f"accuracy {report.accuracy * 100:.1f}% (N={report.count})",
+                   ["label", "precision", "recall", "support"])
     for i, label in enumerate(report.labels):
-        table.add_row(label, f"{report.precision[i]:.3f}", f"{report.recall[i]:.3f}", str(report.support[i]))
+        _row(table, label, f"{report.precision[i]:.3f}", f"{report.recall[i]:.3f}", report.support[i])
     out.print(table)
-    matrix = Table(title="confusion matrix (rows: true, columns: predicted)")
-    matrix.add_column("")
-    for label in report.labels:
-        matrix.add_column(label, justify="right")
+    matrix = _table("confusion matrix (rows: true, columns: predicted)", ["", *report.labels], left=("",))
     for label, row in zip(report.labels, report.confusion):
-        matrix.add_row(label, *map(str, row))
+        _row(matrix, label, *row)
     out.print(matrix)
     return 0
 
@@ -268,55 +399,86 @@ def _num(value: float | None, fmt: str) -> str:
     return "" if value is None else format(value, fmt)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from rich.progress import Progress
+# (column, value of a row); the first ones are the default table, readable at 80 columns; --wide adds the rest.
+BENCH_COLUMNS = [
+    ("model", lambda r: r.model),
+    ("runtime", lambda r: "flowerx" if r.runtime == "onnxruntime" else r.runtime),
+    ("thr", lambda r: r.threads),
+    ("ms", lambda r: _num(r.median_ms, ".2f")),
+    ("x", lambda r: _num(r.ratio, ".2f")),
+    ("img/s", lambda r: _num(r.throughput_ips, ".0f")),
+    ("acc %", lambda r: _num(r.accuracy and r.accuracy * 100, ".1f")),
+]
+BENCH_WIDE = [
+    ("weights", lambda r: r.weights),
+    ("p90", lambda r: _num(r.p90_ms, ".2f")),
+    ("p99", lambda r: _num(r.p99_ms, ".2f")),
+    ("MB", lambda r: _num(r.file_mb, ".1f")),
+    ("params M", lambda r: _num(r.params and r.params / 1e6, ".2f")),
+    ("MMACs", lambda r: _num(r.macs and r.macs / 1e6, ".0f")),
+    ("load s", lambda r: _num(r.load_s, ".2f")),
+    ("peak MB", lambda r: _num(r.peak_mb, ".0f")),
+]
 
+
+def bench_table(report, wide: bool = False) -> tuple[Table, list[str]]:
+    """The bench rows as a table (the main columns, or every one with wide), and a note per row that was
+    skipped or failed (why, and what to install), printed under it."""
+    columns = BENCH_COLUMNS + (BENCH_WIDE if wide else [])
+    table = _table(f"flowerx bench: {report.machine['cpu']}, {report.machine['cores']} cores (ms: median "
+                   f"batch-1 latency; x: latency / flowerx's, same threads; img/s at batch "
+                   f"{report.config.get('batch')})", [name for name, _ in columns], left=("model", "runtime"))
+    notes = []
+    for r in report.rows:
+        if r.status != "ok":
+            notes.append(f"[{len(notes) + 1}] {r.model}, {BENCH_COLUMNS[1][1](r)}, {r.threads} thr: {r.status}")
+            _row(table, r.model, BENCH_COLUMNS[1][1](r), r.threads, f"{r.status.split(':')[0]} [{len(notes)}]",
+                 *[""] * (len(columns) - 4))
+            continue
+        _row(table, *(value(r) for _, value in columns))
+    return table, notes
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
-    from .fileio import atomic_write
+    from .fileio import atomic_write, check_outputs
 
     if args.quick and args.full:
         raise FlowerxError("--quick and --full exclude each other")
+    outputs = {flag: path for flag, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)) if path}
+    check_outputs(outputs, {f"--graph {g}": g for g in args.graph})
     options = {k: v for k, v in dict(
-        graphs=tuple(args.graph) or None, image_dir=args.image_dir, model_dir=args.model_dir, work_dir=args.work_dir,
-        runtimes=tuple(args.runtimes) if args.runtimes else None, threads=tuple(args.threads) if args.threads else None,
-        runs=args.runs, seconds=args.seconds, batch=args.batch,
+        graphs=tuple(os.path.expanduser(g) for g in args.graph) or None, image_dir=args.image_dir,
+        model_dir=args.model_dir, work_dir=args.work_dir, runtimes=tuple(args.runtimes) if args.runtimes else None,
+        threads=tuple(args.threads) if args.threads else None, runs=args.runs, seconds=args.seconds, batch=args.batch,
         architectures=bench.FULL_ARCHITECTURES if args.full else args.architectures,
     ).items() if v is not None}
     if args.graph and not args.architectures and not args.full:
         options.setdefault("architectures", [])
     cfg = bench.BenchConfig.quick(**options) if args.quick else bench.BenchConfig(**options)
-    with Progress(console=err, transient=True) as progress:
-        task = progress.add_task("bench", total=bench.steps(cfg))
+    reporter = Reporter(-1 if args.verbosity < 0 else 0, err, transient=True)
+    total, done = bench.steps(cfg), [0]
 
-        def step(description: str) -> None:
-            progress.update(task, description=description, advance=1)
+    def step(description: str) -> None:
+        reporter.progress("bench", done[0], total, "")
+        reporter.message("detail", description)
+        done[0] += 1
 
+    try:
         report = bench.run(cfg, step)
-    table = Table(title=f"flowerx bench: {report.machine['cpu']}, {report.machine['cores']} cores "
-                        f"(batch-1 latency; x = latency / flowerx's, same threads)")
-    columns = ["model", "runtime", "thr", "weights", "median ms", "p90", "p99", "x", f"img/s @{cfg.batch}",
-               "MB", "params M", "MMACs", "load s", "peak MB", "acc %"]
-    for c in columns:
-        table.add_column(c, justify="left" if c in ("model", "runtime", "weights") else "right")
-    for r in report.rows:
-        if r.status != "ok":
-            table.add_row(r.model, r.runtime, str(r.threads), r.weights, f"[dim]{r.status}[/]")
-            continue
-        table.add_row(
-            r.model, "flowerx (onnxruntime)" if r.runtime == "onnxruntime" else r.runtime, str(r.threads), r.weights,
-            _num(r.median_ms, ".2f"), _num(r.p90_ms, ".2f"), _num(r.p99_ms, ".2f"), _num(r.ratio, ".2f"),
-            _num(r.throughput_ips, ".0f"), _num(r.file_mb, ".1f"), _num(r.params and r.params / 1e6, ".2f"),
-            _num(r.macs and r.macs / 1e6, ".0f"), _num(r.load_s, ".2f"), _num(r.peak_mb, ".0f"),
-            _num(r.accuracy and r.accuracy * 100, ".1f"),
-        )
+    finally:
+        reporter.close()
+    table, notes = bench_table(report, args.wide)
     out.print(table)
+    for note in notes:
+        say(out, note)
     for e in report.end_to_end:
         if e.get("speedup"):
-            out.print(f"End to end, classify one image ({e['model']}): flowerx {e['flowerx_s']:.2f} s, "
-                      f"TensorFlow {e['tensorflow_s']:.2f} s: {e['speedup']:.1f}x faster")
+            say(out, f"End to end, classify one image ({e['model']}): flowerx {e['flowerx_s']:.2f} s, "
+                     f"TensorFlow {e['tensorflow_s']:.2f} s: {e['speedup']:.1f}x faster")
         else:
-            out.print(f"End to end ({e['model']}): flowerx {_num(e['flowerx_s'], '.2f')} s ({e['flowerx_status']}); "
-                      f"TensorFlow: {e['tensorflow_status']}")
+            say(out, f"End to end ({e['model']}): flowerx {_num(e['flowerx_s'], '.2f')} s ({e['flowerx_status']}); "
+                     f"TensorFlow: {e['tensorflow_status']}")
     if args.json:
         atomic_write(args.json, report.to_json().encode())
     if args.csv:
@@ -327,21 +489,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_export_int8(args: argparse.Namespace) -> int:
+    _need_train_extra("export-int8")
     from .quantize import export_int8
 
-    result = export_int8(args.graph, args.image_dir, args.max_accuracy_drop, err)
+    reporter = Reporter(args.verbosity, err)
+    result = export_int8(os.path.expanduser(args.graph), args.image_dir, args.max_accuracy_drop, reporter.events(),
+                         follow_links=args.follow_links)
     if not result.written:
-        err.print(f"error: {result.message}")
+        say(err, f"error: {result.message}")
         return 1
-    out.print(result.message)
+    say(out, result.message)
     return 0
 
 
 def cmd_download_flowers(args: argparse.Namespace) -> int:
     from .data import download_flowers
 
-    path = download_flowers(args.dest)
-    out.print(f"{path}: flower photos ready (CC-BY: keep {path / 'LICENSE.txt'} with any copy)")
+    reporter = Reporter(args.verbosity, err, transient=True)
+    try:
+        path = download_flowers(args.dest, lambda done, total: reporter.progress("flower_photos.tgz", done, total, "B"))
+    finally:
+        reporter.close()
+    say(out, f"{path}: flower photos ready (CC-BY: keep {path / 'LICENSE.txt'} with any copy)")
     return 0
 
 
@@ -354,16 +523,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except FlowerxError as e:
-        err.print(f"error: {e}", soft_wrap=True)
+        say(err, f"error: {e}")
         return 2
     except KeyboardInterrupt:
-        err.print("interrupted: stopped; caches written so far are kept and the next run resumes")
+        say(err, "interrupted: stopped; caches written so far are kept and the next run resumes")
         return 130
+    except ModuleNotFoundError as e:  # an extra that is not installed, met on a lazy import
+        if os.environ.get("FLOWERX_DEBUG"):
+            raise
+        hint = ' (pip install "flowerx[train]")' if (e.name or "").split(".")[0] in TRAIN_MODULES else ""
+        say(err, f"error: flowerx {args.command} needs the {e.name} package{hint}")
+        return 2
     except Exception as e:  # never a traceback at the CLI; FLOWERX_DEBUG=1 shows it
         if os.environ.get("FLOWERX_DEBUG"):
             raise
-        err.print(f"error: unexpected {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} "
-                  "(FLOWERX_DEBUG=1 shows the traceback)", soft_wrap=True)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        say(err, f"error: unexpected {type(e).__name__}: {first} (FLOWERX_DEBUG=1 shows the traceback)")
         return 1
 
 

@@ -9,17 +9,19 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
+import unicodedata
 import urllib.error
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Callable, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import FlowerxError, ImageError
-from .fileio import download, extract_tar
+from .fileio import RefusedFile, download, extract_tar, read_regular
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MAX_PERCENT = 2**27 - 1  # as in retrain.py: fine-grained, stable buckets
@@ -30,7 +32,22 @@ RESIZE_RULE = "bilinear"  # whole image to S x S, no crop; recorded in the model
 Image.MAX_IMAGE_PIXELS = 120_000_000
 warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
-ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+MAX_IMAGE_MB = 64  # image files larger than this are refused unread; FLOWERX_MAX_IMAGE_MB overrides it
+SPLIT_FOLDERS = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
+_PIL_LOCK = threading.Lock()  # loading a caller's lazy PIL image mutates it: one thread at a time
+
+
+def max_image_bytes() -> int:
+    """The size limit for image files: FLOWERX_MAX_IMAGE_MB (read at each call), else MAX_IMAGE_MB."""
+    value = os.environ.get("FLOWERX_MAX_IMAGE_MB", "")
+    try:
+        mb = float(value) if value else MAX_IMAGE_MB
+    except ValueError:
+        raise FlowerxError(f"FLOWERX_MAX_IMAGE_MB must be a number of MiB, not {value!r}") from None
+    if not mb > 0 or mb == float("inf"):
+        raise FlowerxError(f"FLOWERX_MAX_IMAGE_MB must be positive and finite, not {value!r}")
+    return int(mb * 2**20)
 
 
 @dataclass(frozen=True)
@@ -38,6 +55,7 @@ class ImageItem:
     path: Path
     relpath: str  # posix path relative to the image dir, e.g. "daisy/123.jpg"
     label: int
+    split: str | None = None  # "train", "validation" or "test" when the folders give the split
 
 
 @dataclass
@@ -45,50 +63,173 @@ class Dataset:
     root: Path
     labels: list[str]
     items: list[ImageItem]
-    skipped_folders: list[str]
+    skipped_folders: list[tuple[str, str]]  # (folder, why)
+    presplit: bool = False  # train/, val/, test/ folders of class folders gave the split
 
 
 def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files under folder (recursively), sorted."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in filenames if is_image_file(Path(f)))
-    return sorted(found)
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def discover(image_dir: str | os.PathLike) -> Dataset:
-    """Labels are the sorted names of image_dir's subfolders that hold images."""
+class _Walk:
+    """Walks image folders once per real folder and counts each real file once: a folder link is followed
+    only when it stays inside the root (anywhere with follow_links), and never into a folder already seen,
+    so link loops (`ln -s . a`) end and no image is counted twice (which would leak test images into
+    training)."""
+
+    def __init__(self, root: Path, follow_links: bool):
+        self.root, self.follow_links = os.path.realpath(root), follow_links
+        self.dirs: set[tuple[int, int]] = set()
+        self.files: set[tuple[int, int]] = set()
+
+    def enter(self, folder: str) -> bool:
+        """Whether to walk folder (a real folder or a link to one)."""
+        if os.path.islink(folder) and not self.follow_links and not _inside(os.path.realpath(folder), self.root):
+            return False
+        try:
+            info = os.stat(folder)
+        except OSError:
+            return False
+        key = (info.st_dev, info.st_ino)
+        if key in self.dirs:
+            return False
+        self.dirs.add(key)
+        return True
+
+    def images(self, folder: str) -> list[Path]:
+        """Image files under folder, recursively (folder already entered), sorted."""
+        found, stack = [], [folder]
+        while stack:
+            current = stack.pop()
+            try:
+                entries = sorted(os.scandir(current), key=lambda e: e.name)
+            except OSError:
+                continue
+            folders = []
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:
+                    is_dir = False
+                if is_dir:
+                    if self.enter(entry.path):
+                        folders.append(entry.path)
+                elif is_image_file(Path(entry.name)):
+                    try:
+                        info = entry.stat()
+                        key = (info.st_dev, info.st_ino)
+                        if key in self.files:
+                            continue
+                        self.files.add(key)
+                    except OSError:  # a broken link: listed, so that reading it reports why
+                        pass
+                    found.append(Path(entry.path))
+            stack.extend(reversed(folders))  # walked in name order: the first name of a file seen twice wins
+        return sorted(found)
+
+
+def list_images(folder: str | os.PathLike, follow_links: bool = False) -> list[Path]:
+    """Image files under folder (recursively), sorted; each real file once (see _Walk for links)."""
+    folder = Path(folder).expanduser()
+    walk = _Walk(folder, follow_links)
+    return walk.images(str(folder)) if walk.enter(str(folder)) else []
+
+
+def check_label(name: str) -> str:
+    """A class folder's name as a label, or a FlowerxError naming the folder: labels travel in labels.txt,
+    JSON metadata and every client's output, so they must be printable UTF-8 text on one line."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FlowerxError(f"class folder {name!r} has a name that is not valid UTF-8: rename it") from None
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name):
+        raise FlowerxError(f"class folder {name!r} has control characters in its name: rename it")
+    return name
+
+
+def _class_folders(root: Path, walk: _Walk, prefix: str, split: str | None) -> tuple[dict[str, list], list]:
+    """{class name: [(path, relpath, split)]} of root's class subfolders, and the skipped (folder, why)."""
+    classes, skipped, entered = {}, [], []
+    for sub in sorted((p for p in root.iterdir() if not p.name.startswith(".")), key=lambda p: p.name):
+        if not sub.is_dir():
+            continue
+        if walk.enter(str(sub)):  # every class folder first: a link from one class into another is not followed
+            entered.append(sub)
+        else:
+            why = "a link outside the image dir (--follow-links follows it)" if sub.is_symlink() else "seen already"
+            skipped.append((prefix + sub.name, why))
+    for sub in entered:
+        name = prefix + sub.name
+        files = walk.images(str(sub))
+        if not files:
+            skipped.append((name, "no images in it"))
+            continue
+        check_label(sub.name)
+        classes[sub.name] = [(f, prefix + f.relative_to(sub.parent).as_posix(), split) for f in files]
+    return classes, skipped
+
+
+def _split_folders(root: Path) -> dict[str, Path]:
+    """train/, val/ (or validation/) and test/ folders of class folders, when root is laid out that way
+    (as Ultralytics and Keras users have it): a train/ folder with no images of its own beside them."""
+    found = {p.name: p for p in root.iterdir() if p.is_dir() and p.name.lower() in SPLIT_FOLDERS}
+    train = next((p for name, p in found.items() if name.lower() == "train"), None)
+    if train is None or any(is_image_file(p) for p in train.iterdir()):
+        return {}
+    if not any(p.is_dir() for p in train.iterdir()):
+        return {}
+    return found
+
+
+def discover(image_dir: str | os.PathLike, follow_links: bool = False) -> Dataset:
+    """Labels are the sorted names of image_dir's subfolders that hold images. An image dir of train/,
+    val/ (or validation/) and test/ folders, each of class folders, gives its own split instead."""
     root = Path(image_dir).expanduser()
     if not root.is_dir():
         raise FlowerxError(f"image dir does not exist or is not a folder: {root}")
-    labels, items, skipped = [], [], []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = list_images(sub)
-        if not files:
-            skipped.append(sub.name)
-            continue
-        index = len(labels)
-        labels.append(sub.name)
-        items.extend(ImageItem(f, f.relative_to(root).as_posix(), index) for f in files)
+    walk = _Walk(root, follow_links)
+    walk.enter(str(root))
+    split_dirs = _split_folders(root)
+    if split_dirs:
+        others = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                        and p.name not in split_dirs)
+        if others:
+            raise FlowerxError(f"{root} holds split folders ({', '.join(sorted(split_dirs))}) and other folders "
+                               f"({', '.join(others)}): put every class folder inside train/, val/ or test/")
+        classes, skipped = {}, []
+        for name, folder in sorted(split_dirs.items()):
+            if not walk.enter(str(folder)):
+                continue
+            found, missed = _class_folders(folder, walk, f"{name}/", SPLIT_FOLDERS[name.lower()])
+            skipped += missed
+            for label, files in found.items():
+                classes.setdefault(label, []).extend(files)
+    else:
+        classes, skipped = _class_folders(root, walk, "", None)
+    labels = sorted(classes)
     if len(labels) < 2:
         raise FlowerxError(
             f"need at least two class folders with images in {root}, found {len(labels)}"
             + (f" ({', '.join(labels)})" if labels else "")
         )
-    return Dataset(root, labels, items, skipped)
+    items = [ImageItem(path, relpath, index, split)
+             for index, label in enumerate(labels) for path, relpath, split in classes[label]]
+    return Dataset(root, labels, items, skipped, presplit=bool(split_dirs))
 
 
 def split_of(relpath: str, validation_percentage: float, testing_percentage: float) -> str:
     """'train', 'validation' or 'test' for an image, from a hash of its path relative to the image dir.
 
-    Stable across machines and dataset moves, and adding images never moves others.
+    Stable across machines and dataset moves, and adding images never moves others. The path's bytes are
+    hashed (os.fsencode), so names that are not valid UTF-8 work too.
     """
-    digest = hashlib.sha1(relpath.encode("utf-8")).hexdigest()
+    digest = hashlib.sha1(os.fsencode(relpath)).hexdigest()
     percent = (int(digest, 16) % (MAX_PERCENT + 1)) * (100.0 / MAX_PERCENT)
     if percent < validation_percentage:
         return "validation"
@@ -97,31 +238,55 @@ def split_of(relpath: str, validation_percentage: float, testing_percentage: flo
     return "train"
 
 
-def open_image(source: ImageSource, min_size: int | None = None) -> Image.Image:
+def split_names(items: list[ImageItem], validation_percentage: float, testing_percentage: float) -> np.ndarray:
+    """Each item's split: its folder's where the dataset came split, else the stable hash split."""
+    return np.array([item.split or split_of(item.relpath, validation_percentage, testing_percentage)
+                     for item in items], dtype=object)
+
+
+def open_image(source: ImageSource, min_size: int | None = None, max_bytes: int | None = None) -> Image.Image:
     """Decode any supported source into an upright RGB PIL image; ImageError on failure.
 
-    With min_size, a JPEG is decoded at the smallest DCT scale that keeps both sides >= min_size
-    (much faster for large photos; the result is still resized afterwards).
+    With min_size, a JPEG (path or bytes) is decoded at the smallest DCT scale that keeps both sides >=
+    min_size (much faster for large photos; the result is still resized afterwards), and so is an unloaded PIL
+    JPEG opened from a file (read from that file). A caller's PIL image is never changed: others are decoded
+    in full and converted into a new image. Files must be regular
+    files of at most max_bytes (default: max_image_bytes()).
     """
-    name = str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+    if isinstance(source, Image.Image) and source.format == "JPEG" and getattr(source, "tile", None) and \
+            getattr(source, "filename", ""):
+        source = Path(source.filename)  # unloaded: decode its file as a path would be, leaving the object alone
+    if isinstance(source, (str, os.PathLike)):
+        source = Path(source).expanduser()
+        name = str(source)
+    else:
+        name = type(source).__name__
     try:
         if isinstance(source, np.ndarray):
             return _from_array(source)
         if isinstance(source, Image.Image):
+            with _PIL_LOCK:  # load() fills the caller's lazy image in place; PIL is not thread-safe there
+                source.load()
             image = source
-        else:
-            data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        elif isinstance(source, (bytes, bytearray, memoryview, Path)):
+            data = bytes(source) if not isinstance(source, Path) else read_regular(source, max_bytes or max_image_bytes())
             if not data:
                 raise ImageError(name, "empty file")
             image = Image.open(io.BytesIO(data))
+            if min_size and image.format == "JPEG":
+                image.draft("RGB", (min_size, min_size))
+        else:
+            raise ImageError(name, "not an image source: give a path, bytes, a PIL image or a uint8 array")
         if image.width * image.height > Image.MAX_IMAGE_PIXELS:
             raise Image.DecompressionBombError(name)
-        if min_size and image.format == "JPEG":  # also an unloaded PIL JPEG: same pixels as from its bytes
-            image.draft("RGB", (min_size, min_size))
-        image = ImageOps.exif_transpose(image)  # loads the pixels (first frame/page); honours EXIF orientation
-        return _to_rgb(image)
+        if image.width == 0 or image.height == 0:
+            raise ImageError(name, "image has no pixels (0 x 0)")
+        upright = ImageOps.exif_transpose(image)  # a new image (loads the first frame/page); honours EXIF
+        return _to_rgb(upright if upright is not image else image.copy())
     except ImageError:
         raise
+    except RefusedFile as e:
+        raise ImageError(name, str(e)) from None
     except FileNotFoundError:
         raise ImageError(name, "no such file") from None
     except IsADirectoryError:
@@ -158,6 +323,8 @@ def _from_array(array: np.ndarray) -> Image.Image:
         array = np.stack([array] * 3, axis=-1)
     if array.ndim != 3 or array.shape[2] not in (3, 4):
         raise ImageError("array", f"image must be HxWx3 RGB (or HxW, HxWx4), got shape {array.shape}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ImageError("array", f"image has no pixels (shape {array.shape})")
     return _to_rgb(Image.fromarray(np.ascontiguousarray(array)))
 
 
@@ -166,15 +333,15 @@ def resize(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(image.resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 
-def prepare_image(source: ImageSource, size: int) -> np.ndarray:
+def prepare_image(source: ImageSource, size: int, max_bytes: int | None = None) -> np.ndarray:
     """Decode, turn upright, convert to RGB and resize: the model's uint8 input for one image."""
-    return resize(open_image(source, min_size=size), size)
+    return resize(open_image(source, min_size=size, max_bytes=max_bytes), size)
 
 
 FLOWERS_URL = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
 
 
-def download_flowers(dest_dir: str | os.PathLike) -> Path:
+def download_flowers(dest_dir: str | os.PathLike, on_progress: Callable[[int, int | None], None] | None = None) -> Path:
     """The tutorial's flower photos (CC-BY; credits in its LICENSE.txt) as dest_dir/flower_photos.
 
     Downloaded over HTTPS into a temporary file, unpacked into a temporary folder with unsafe members
@@ -185,7 +352,7 @@ def download_flowers(dest_dir: str | os.PathLike) -> Path:
         return final
     archive = final.with_name("flower_photos.tgz")
     try:
-        download(FLOWERS_URL, archive)
+        download(FLOWERS_URL, archive, on_progress=on_progress)
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         raise FlowerxError(f"cannot download {FLOWERS_URL} (offline? {getattr(e, 'reason', e)})") from None
     try:

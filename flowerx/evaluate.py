@@ -10,9 +10,9 @@ from typing import Callable
 
 import numpy as np
 
-from .data import discover, split_of
+from .data import discover, split_names
 from .errors import FlowerxError, ImageError
-from .predictor import Predictor
+from .predictor import Predictor, read_training, split_percentages
 
 SPLITS = ("all", "train", "validation", "test")
 
@@ -35,24 +35,22 @@ class Evaluation:
 
 def evaluate(
     predictor: Predictor, image_dir: str, split: str = "all", batch_size: int = 32,
-    on_progress: Callable[[int], None] = lambda n: None,
+    on_progress: Callable[[int], None] = lambda n: None, follow_links: bool = False,
 ) -> Evaluation:
     """Classify every image of image_dir (whose subfolder names must be the model's labels)."""
     if split not in SPLITS:
         raise FlowerxError(f"--split must be one of {', '.join(SPLITS)}")
-    dataset = discover(image_dir)
+    dataset = discover(image_dir, follow_links)
     unknown = [name for name in dataset.labels if name not in predictor.labels]
     if unknown:
         raise FlowerxError(f"folders {', '.join(unknown)} are not labels of the model ({', '.join(predictor.labels)})")
     items = dataset.items
     if split != "all":
-        training = json.loads(predictor.metadata.get("training", "{}"))
-        if "testing_percentage" not in training:
+        percentages = split_percentages(read_training(predictor.metadata, predictor.path.name), predictor.path.name)
+        if percentages is None and not dataset.presplit:
             raise FlowerxError("the model does not record its training split; use --split all")
-        items = [
-            i for i in items
-            if split_of(i.relpath, training["validation_percentage"], training["testing_percentage"]) == split
-        ]
+        names = split_names(items, *(percentages or (0.0, 0.0)))
+        items = [item for item, name in zip(items, names) if name == split]
     if not items:
         raise FlowerxError(f"no images in the {split} split of {image_dir}")
 

@@ -6,13 +6,57 @@ import glob
 import hashlib
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
 import threading
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 from .errors import FlowerxError
+
+
+class RefusedFile(OSError):
+    """A path that is not a regular file, or larger than the caller allows; str() is the reason."""
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def read_regular(path: str | os.PathLike, limit: int | None = None) -> bytes:
+    """The bytes of a regular file (links followed), refusing FIFOs, devices and folders (which hang or never
+    end) and files over limit bytes, with RefusedFile. Opened non-blocking, so a FIFO cannot stall the open."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise RefusedFile(f"is {_kind(info.st_mode)}, not a regular file")
+        if limit is not None and info.st_size > limit:
+            raise RefusedFile(f"file is too large ({info.st_size / 2**20:.0f} MiB; the limit is {limit / 2**20:.0f} MiB)")
+        data = f.read() if limit is None else f.read(limit + 1)
+    if limit is not None and len(data) > limit:  # grew while we read it
+        raise RefusedFile(f"file is too large (over the limit of {limit / 2**20:.0f} MiB)")
+    return data
+
+
+def check_regular(path: str | os.PathLike, what: str) -> Path:
+    """path, if it is an existing regular file (links followed); else one clear FlowerxError naming it."""
+    path = Path(path)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise FlowerxError(f"{path}: no such {what}") from None
+    except OSError as e:
+        raise FlowerxError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise FlowerxError(f"{path}: the {what} is {_kind(info.st_mode)}, not a regular file")
+    return path
 
 
 def atomic_write(path: str | os.PathLike, data: bytes, durable: bool = True) -> None:
@@ -67,9 +111,11 @@ def file_hash(path: str | os.PathLike, algorithm: str = "sha256") -> str:
     return digest.hexdigest()
 
 
-def download(url: str, dest: Path, expected_hash: str | None = None, timeout: float = 30.0) -> Path:
+def download(url: str, dest: Path, expected_hash: str | None = None, timeout: float = 30.0,
+             on_progress: Callable[[int, int | None], None] | None = None) -> Path:
     """Download url over HTTPS to dest: into a temporary file beside it, check the hash where one is known
-    (32 hex digits: md5 as Keras pins them; 64: sha256), and only then move it into place."""
+    (32 hex digits: md5 as Keras pins them; 64: sha256), and only then move it into place.
+    on_progress(bytes so far, total bytes or None) is called as the bytes arrive."""
     if not url.startswith("https://"):
         raise FlowerxError(f"refusing to download over plain HTTP: {url}")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -77,9 +123,12 @@ def download(url: str, dest: Path, expected_hash: str | None = None, timeout: fl
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             expected = response.headers.get("Content-Length") if hasattr(response, "headers") else None
+            total = int(expected) if expected is not None else None
             for chunk in iter(lambda: response.read(1 << 20), b""):
                 out.write(chunk)
-            if expected is not None and out.tell() != int(expected):
+                if on_progress:
+                    on_progress(out.tell(), total)
+            if total is not None and out.tell() != total:
                 raise FlowerxError(f"download of {url} was cut off ({out.tell()} of {expected} bytes)")
         if expected_hash:
             algorithm = "md5" if len(expected_hash) == 32 else "sha256"
@@ -93,26 +142,95 @@ def download(url: str, dest: Path, expected_hash: str | None = None, timeout: fl
     return dest
 
 
-def extract_tar(archive: Path, dest: Path, inner: str = "") -> Path:
+MAX_EXTRACT_BYTES = 8 << 30  # the flower photos unpack to 0.23 GB
+MAX_EXTRACT_RATIO = 50  # unpacked / packed size; the flower photos: 1.05 (JPEGs do not compress)
+MAX_EXTRACT_MEMBERS = 1_000_000
+
+
+def extract_tar(archive: Path, dest: Path, inner: str = "", max_bytes: int = MAX_EXTRACT_BYTES,
+                max_ratio: float = MAX_EXTRACT_RATIO) -> Path:
     """Unpack a tar archive (its folder `inner`, if given) into dest, which must not exist, all or nothing:
     into a temporary folder first, refusing members that would land outside it (absolute paths, '..',
-    links out), then renamed into place."""
+    devices, links out), links that point outside `inner` once unpacked, and archives that unpack to more
+    than max_bytes or max_ratio times their own size (bombs), checked before each member is written; then
+    renamed into place."""
     if dest.exists():
         raise FlowerxError(f"{dest} exists already")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    budget = min(max_bytes, int(max_ratio * archive.stat().st_size))
     work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         with tarfile.open(archive) as tar:
-            try:
-                tar.extractall(work, filter="data")  # rejects absolute paths, '..', devices, links out
-            except tarfile.FilterError as e:
-                raise FlowerxError(f"{archive.name}: unsafe archive member refused ({e})") from None
-        if not (work / inner).is_dir():
+            total = 0
+            for count, member in enumerate(tar, 1):
+                total += member.size if member.isfile() else 0
+                if total > budget or count > MAX_EXTRACT_MEMBERS:
+                    raise FlowerxError(f"{archive.name} unpacks to more than {budget / 2**20:.0f} MiB or "
+                                       f"{MAX_EXTRACT_MEMBERS} files: refused (an archive bomb?)")
+                try:
+                    tar.extract(member, work, filter="data")  # rejects absolute paths, '..', devices, links out
+                except tarfile.FilterError as e:
+                    raise FlowerxError(f"{archive.name}: unsafe archive member refused ({e})") from None
+        top = work / inner
+        if top.is_symlink() or not top.is_dir():
             raise FlowerxError(f"{archive.name} has no folder {inner!r}")
-        os.replace(work / inner, dest)
+        inside = os.path.realpath(top)
+        for folder, dirnames, filenames in os.walk(top):
+            for name in dirnames + filenames:
+                link = os.path.join(folder, name)
+                target = os.path.realpath(link)
+                if os.path.islink(link) and target != inside and not target.startswith(inside + os.sep):
+                    raise FlowerxError(f"{archive.name}: link {os.path.relpath(link, work)} points outside "
+                                       f"{inner or 'the archive'}: refused")
+        os.replace(top, dest)
     except (tarfile.TarError, OSError, EOFError) as e:  # EOFError: a truncated archive
         raise FlowerxError(f"cannot unpack {archive.name}: {e or 'truncated archive'}") from None
     finally:
         if work.exists():
             shutil.rmtree(work)
     return dest
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_outputs(outputs: dict[str, str | os.PathLike], inputs: dict[str, str | os.PathLike] | None = None) -> None:
+    """Before any work: every output (flag -> path) is a distinct file, none is one of the inputs, none is an
+    existing folder or other non-file, and each can be written (a probe file in its nearest existing folder).
+    Fails with one FlowerxError naming the flag, so nothing is overwritten by mistake or lost after a long run."""
+    seen: dict[str, str] = {}
+    for flag, raw in outputs.items():
+        path = Path(raw).expanduser()
+        real = os.path.realpath(path)
+        if real in seen:
+            raise FlowerxError(f"{flag} and {seen[real]} are the same file ({path}): give them different paths")
+        seen[real] = flag
+        for in_flag, in_path in (inputs or {}).items():
+            if in_path and _same(path, Path(in_path).expanduser()):
+                raise FlowerxError(f"{flag} {path} is the {in_flag} file: it would be overwritten")
+        if path.is_dir():
+            raise FlowerxError(f"{flag} {path} is a folder: give a file path")
+        if path.exists() and not path.is_file():
+            raise FlowerxError(f"{flag} {path} is not a regular file")
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise FlowerxError(f"{flag} {path}: {folder} is a file, not a folder")
+        try:
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as e:
+            raise FlowerxError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def check_folder(path: str | os.PathLike, flag: str) -> None:
+    """A folder flowerx will create or write into must not be an existing file."""
+    path = folder = Path(path).expanduser()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise FlowerxError(f"{flag} {path}: {folder} is a file, not a folder")

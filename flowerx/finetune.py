@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-from rich.console import Console
 
 from .architectures import Architecture
 from .data import Distortion, ImageItem, prepare_image
 from .errors import FlowerxError
+from .events import Events
 from .fileio import atomic_write
 
 # Used when fine-tuning and no distortion flag is given: without distortions every epoch shows the network
@@ -102,7 +102,7 @@ def checkpoint_key(parts: dict, items: Sequence[ImageItem]) -> str:
     h = hashlib.sha256(json.dumps(parts, sort_keys=True).encode())
     for item in items:
         st = item.path.stat()
-        h.update(f"{item.relpath}\0{item.label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{item.relpath}\0{item.label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
@@ -131,7 +131,7 @@ def _load(path: Path, key: str) -> tuple[dict, dict[str, list[np.ndarray]]] | No
 def fine_tune(
     base, features_model, arch: Architecture, blocks: int, items: Sequence[ImageItem], labels: np.ndarray,
     splits: dict[str, np.ndarray], kernel: np.ndarray, bias: np.ndarray, distortion: Distortion,
-    learning_rate: float, max_epochs: int, batch_size: int, seed: int, checkpoint: Path, console: Console,
+    learning_rate: float, max_epochs: int, batch_size: int, seed: int, checkpoint: Path, events: Events,
     summary_dir: Path | None = None, key_parts: dict | None = None,
 ) -> FineTuneResult:
     """Train the top `blocks` blocks of base (shared by features_model: uint8 image -> pooled features) and
@@ -207,15 +207,15 @@ def fine_tune(
         for v, value in zip(optimizer.variables, arrays["optimizer"]):
             v.assign(value)
         best = arrays["best"]
-        console.print(f"Fine-tune: {'finished' if state['done'] else 'resuming'} after epoch {state['epoch']} "
-                      f"(checkpoint {checkpoint})", highlight=False)
+        events.info(f"Fine-tune: {'finished' if state['done'] else 'resuming'} after epoch {state['epoch']} "
+                    f"(checkpoint {checkpoint})")
     else:
         start = accuracy(splits["validation"])
         state = {"version": CHECKPOINT_VERSION, "key": key, "epoch": 0, "best_epoch": 0, "best_accuracy": start,
                  "start_accuracy": start, "history": [], "done": False}
         best = snapshot()
-        console.print(f"Fine-tune the top {blocks} block(s) on fresh views ({distortion.id}): validation "
-                      f"accuracy before {start * 100:5.1f}%", highlight=False)
+        events.info(f"Fine-tune the top {blocks} block(s) on fresh views ({distortion.id}): validation "
+                    f"accuracy before {start * 100:5.1f}%")
     writer = (tf.summary.create_file_writer(str(summary_dir / "fine_tune")) if summary_dir is not None
               else tf.summary.create_noop_writer())
     rng_seed = _seed(seed, 7)
@@ -238,9 +238,12 @@ def fine_tune(
                 tf.summary.scalar("loss", record["loss"], step=epoch)
                 tf.summary.scalar("train_accuracy", record["train_accuracy"], step=epoch)
                 tf.summary.scalar("validation_accuracy", val, step=epoch)
-            console.print(f"Fine-tune epoch {epoch:>2}/{max_epochs}: train accuracy {record['train_accuracy'] * 100:5.1f}%  "
+            events.step(f"Fine-tune epoch {epoch:>2}/{max_epochs}: train accuracy {record['train_accuracy'] * 100:5.1f}%  "
                           f"loss {record['loss']:.4f}  validation accuracy {val * 100:5.1f}%  "
-                          f"({record['seconds']:.0f} s, {len(order) / record['seconds']:.0f} img/s)", highlight=False)
+                        f"({record['seconds']:.0f} s, {len(order) / record['seconds']:.0f} img/s)")
+            if not np.isfinite(record["loss"]):
+                raise FlowerxError(f"fine-tuning diverged in epoch {epoch} (the loss is not finite): lower "
+                                   f"--fine-tune-learning-rate (it is {learning_rate:g}); no model written")
             if val > state["best_accuracy"]:
                 state["best_epoch"], state["best_accuracy"], best = epoch, val, snapshot(ema)
             state["epoch"] = epoch

@@ -1,26 +1,113 @@
 """The Predictor: runs a flowerx ONNX model on onnxruntime. No TensorFlow, tf2onnx or onnx here.
 
 Everything the model needs to be fed correctly (labels, input size, resize rule) comes from the model's
-own metadata, so callers never guess.
+own metadata, so callers never guess. Everything read from a model is checked when it loads.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import onnxruntime as ort
 
 from .data import RESIZE_RULE, ImageSource, prepare_image
 from .errors import FlowerxError
+from .fileio import RefusedFile, check_regular, read_regular
 
 log = logging.getLogger("flowerx")
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+MAX_INPUT_SIZE = 4096
+MAX_LABELS_FILE = 16 << 20
+
+
+class Prediction(tuple):
+    """One ranked label. Unpacks as (label, score), like the tuples of earlier flowerx; also has .label,
+    .score, .index (the class's position in the model's labels) and to_dict() for JSON."""
+
+    def __new__(cls, label: str, score: float, index: int) -> "Prediction":
+        self = super().__new__(cls, (label, score))
+        self.index = index
+        return self
+
+    @property
+    def label(self) -> str:
+        return self[0]
+
+    @property
+    def score(self) -> float:
+        return self[1]
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "score": self.score, "index": self.index}
+
+    def __getnewargs__(self):
+        return (self.label, self.score, self.index)
+
+    def __repr__(self) -> str:
+        return f"Prediction(label={self.label!r}, score={self.score:.6f}, index={self.index})"
+
+
+class NoMetadataError(FlowerxError):
+    """An ONNX model without flowerx's metadata (labels, input size), and none given."""
+
+
+def check_labels(labels: object, source: str) -> list[str]:
+    """Labels must be a list of distinct, non-empty strings; else one FlowerxError naming their source."""
+    if isinstance(labels, (str, bytes)) or not isinstance(labels, (list, tuple)):
+        raise FlowerxError(f"{source}: labels must be a list of strings, got {type(labels).__name__}")
+    if not labels or not all(isinstance(label, str) and label for label in labels):
+        raise FlowerxError(f"{source}: labels must be non-empty strings")
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise FlowerxError(f"{source}: duplicate labels: {', '.join(map(repr, duplicates[:5]))}")
+    return list(labels)
+
+
+def read_labels_file(path: str | os.PathLike) -> list[str]:
+    """A labels file: one label per line (UTF-8), blank lines ignored."""
+    path = Path(path).expanduser()
+    try:
+        text = read_regular(path, MAX_LABELS_FILE).decode("utf-8")
+    except FileNotFoundError:
+        raise FlowerxError(f"{path}: no such labels file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        reason = str(e) if isinstance(e, RefusedFile) else getattr(e, "strerror", None) or e
+        raise FlowerxError(f"cannot read labels file {path}: {reason}") from None
+    return check_labels([line.strip() for line in text.splitlines() if line.strip()], str(path))
+
+
+def read_training(metadata: dict[str, str], name: str) -> dict:
+    """The model's 'training' record (a JSON object), or {} when there is none."""
+    try:
+        training = json.loads(metadata.get("training") or "{}")
+    except ValueError as e:
+        raise FlowerxError(f"{name}: unreadable 'training' metadata ({e})") from None
+    if not isinstance(training, dict):
+        raise FlowerxError(f"{name}: 'training' metadata is not a JSON object")
+    return training
+
+
+def split_percentages(training: dict, name: str) -> tuple[float, float] | None:
+    """(validation %, testing %) of the training run's split, None when not recorded; checked."""
+    if "testing_percentage" not in training:
+        return None
+    values = training.get("validation_percentage"), training.get("testing_percentage")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v < 100
+               for v in values) or sum(values) >= 100:
+        raise FlowerxError(f"{name}: the 'training' metadata's split percentages are not valid ({values})")
+    return float(values[0]), float(values[1])
+
+
+def _check_top_k(top_k: object) -> None:
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise FlowerxError(f"top_k must be a whole number >= 1 (or None for all labels), got {top_k!r}")
 
 
 class Predictor:
@@ -28,20 +115,29 @@ class Predictor:
 
     >>> p = Predictor("model.onnx")
     >>> p.predict("daisy.jpg", top_k=1)
-    [('daisy', 0.995...)]
+    [Prediction(label='daisy', score=0.995..., index=0)]
 
     providers: "auto" (CUDA when onnxruntime-gpu and a GPU are present, else CPU), "cpu" or "cuda".
     labels / input_size: only for ONNX models without flowerx metadata.
+    max_image_bytes: image files larger than this are refused unread (default: 64 MiB or FLOWERX_MAX_IMAGE_MB).
+    Images: a path (str or os.PathLike, ~ expanded), bytes-like, a PIL image (never modified) or a uint8 array.
+    `probabilities_out` is False for a model whose outputs are not probabilities (rows not summing to 1):
+    its scores are still ranked, and the CLI calls them scores.
     Thread-safe: one Predictor may serve many threads at once.
     """
 
     def __init__(
         self, path: str | os.PathLike, providers: str = "auto", labels: Sequence[str] | None = None,
-        input_size: int | None = None, threads: int = 0,
+        input_size: int | None = None, threads: int = 0, max_image_bytes: int | None = None,
     ):
-        self.path = Path(path)
+        self.path = check_regular(Path(path).expanduser(), "model file")  # a FIFO or device would hang the load
         if providers not in ("auto", "cpu", "cuda"):
             raise FlowerxError(f"providers must be 'auto', 'cpu' or 'cuda', not {providers!r}")
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise FlowerxError(f"threads must be a whole number >= 0 (0: onnxruntime's default), got {threads!r}")
+        if max_image_bytes is not None and not (isinstance(max_image_bytes, int) and max_image_bytes > 0):
+            raise FlowerxError(f"max_image_bytes must be a positive whole number, got {max_image_bytes!r}")
+        self.max_image_bytes = max_image_bytes
         available = ort.get_available_providers()
         if providers == "cuda" and "CUDAExecutionProvider" not in available:
             raise FlowerxError("providers='cuda' needs onnxruntime-gpu in place of onnxruntime, and a GPU (README: On a GPU)")
@@ -51,11 +147,7 @@ class Predictor:
         options.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=wanted)
-        except FileNotFoundError:
-            raise FlowerxError(f"{self.path}: no such model file") from None
         except Exception as e:  # onnxruntime raises its own types for bad files
-            if not self.path.is_file():
-                raise FlowerxError(f"{self.path}: no such model file") from None
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise FlowerxError(f"{self.path}: not a valid ONNX model ({first[:200]})") from None
         self.provider = self.session.get_providers()[0]
@@ -70,19 +162,35 @@ class Predictor:
                                f"{RESIZE_RULE!r} only")
         self._input = self.session.get_inputs()[0].name
         self._output = self.session.get_outputs()[0].name
+        self.probabilities_out = self._warm_up()
 
     def _read_contract(self, labels: Sequence[str] | None, input_size: int | None) -> tuple[list[str], int]:
         name = self.path.name
-        try:
-            labels = list(labels) if labels is not None else json.loads(self.metadata["labels"])
-            size = int(input_size) if input_size is not None else int(self.metadata["input_size"])
-        except KeyError:
-            raise FlowerxError(
+        if labels is not None:
+            labels = check_labels(list(labels) if isinstance(labels, tuple) else labels, "labels")
+        elif "labels" in self.metadata:
+            try:
+                labels = check_labels(json.loads(self.metadata["labels"]), f"{name}'s labels metadata")
+            except ValueError as e:
+                if isinstance(e, FlowerxError):
+                    raise
+                raise FlowerxError(f"{name}: unreadable labels metadata ({e})") from None
+        if input_size is None and "input_size" in self.metadata:
+            try:
+                input_size = int(self.metadata["input_size"])
+            except ValueError:
+                raise FlowerxError(f"{name}: input_size metadata is not a whole number "
+                                   f"({self.metadata['input_size'][:40]!r})") from None
+        if labels is None or input_size is None:
+            raise NoMetadataError(
                 f"{name} has no flowerx metadata (labels, input_size): pass labels and input_size "
                 "(--labels FILE --input-size S at the command line)"
-            ) from None
-        except (ValueError, TypeError) as e:
-            raise FlowerxError(f"{name}: unreadable flowerx metadata ({e})") from None
+            )
+        if isinstance(input_size, bool) or not isinstance(input_size, (int, np.integer)) or \
+                not 1 <= input_size <= MAX_INPUT_SIZE:
+            raise FlowerxError(f"{name}: the input size must be a whole number from 1 to {MAX_INPUT_SIZE}, "
+                               f"got {input_size!r}")
+        size = int(input_size)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         shape = inputs[0].shape
         if len(inputs) != 1 or len(shape) != 4 or shape[3] != 3 or any(
@@ -92,17 +200,46 @@ class Predictor:
         if inputs[0].type != "tensor(uint8)":
             raise FlowerxError(f"{name}: input must be uint8 RGB, got {inputs[0].type}")
         out = outputs[0].shape
-        if len(out) != 2 or (isinstance(out[1], int) and out[1] != len(labels)):
-            raise FlowerxError(f"{name}: the model has {out[-1]} outputs but {len(labels)} labels")
+        if len(out) != 2:
+            raise FlowerxError(f"{name}: output must be one [N, classes] tensor, got shape {out}")
+        if isinstance(out[1], int) and out[1] != len(labels):
+            raise FlowerxError(f"{name}: the model has {out[1]} outputs but {len(labels)} labels")
         return [str(label) for label in labels], size
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        """The model on a ready batch, its output checked: [N, classes], finite."""
+        out = self.session.run([self._output], {self._input: np.ascontiguousarray(batch)})[0]
+        if not isinstance(out, np.ndarray) or out.shape != (len(batch), len(self.labels)):
+            raise FlowerxError(f"{self.path.name}: the model returned shape {getattr(out, 'shape', '?')}, "
+                               f"not [{len(batch)}, {len(self.labels)}]")
+        if not np.isfinite(out).all():
+            raise FlowerxError(f"{self.path.name}: the model returned scores that are not finite (NaN or inf)")
+        return out
+
+    def _warm_up(self) -> bool:
+        """One run on a grey image: checks the output, warms the session, tells whether outputs are
+        probabilities (each row >= 0, summing to 1)."""
+        try:
+            out = self._run(np.full((1, self.input_size, self.input_size, 3), 128, np.uint8))
+        except FlowerxError:
+            raise
+        except Exception as e:  # onnxruntime's own failures on a model that loads but cannot run
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FlowerxError(f"{self.path.name}: the model fails on a test image ({first[:200]})") from None
+        return bool((out >= 0).all() and abs(float(out.sum()) - 1) < 1e-3)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(map(repr, self.labels[:5])) + (", ..." if len(self.labels) > 5 else "")
+        return (f"Predictor({str(self.path)!r}, architecture={self.metadata.get('architecture', '?')!r}, "
+                f"labels=[{shown}] ({len(self.labels)}), input_size={self.input_size}, provider={self.provider!r})")
 
     def preprocess(self, image: ImageSource) -> np.ndarray:
         """One image -> uint8 [S, S, 3], exactly as the model was trained (raises ImageError)."""
-        return prepare_image(image, self.input_size)
+        return prepare_image(image, self.input_size, self.max_image_bytes)
 
     def probabilities(self, images: Sequence[ImageSource] | np.ndarray) -> np.ndarray:
         """Class probabilities [N, num_classes] in label order, for images or a ready uint8 [N, S, S, 3] batch
-        (an ndarray of 2 or 3 dimensions is one image)."""
+        (an ndarray of 2 or 3 dimensions is one image). No images: an empty [0, num_classes] array."""
         if isinstance(images, np.ndarray) and images.ndim in (2, 3):
             images = [images]
         if isinstance(images, np.ndarray):
@@ -112,24 +249,48 @@ class Predictor:
                                    f"{list(images.shape)}")
             batch = images
         else:
-            batch = np.stack([self.preprocess(image) for image in images])
-        return self.session.run([self._output], {self._input: np.ascontiguousarray(batch)})[0]
+            images = _as_list(images, "probabilities")
+            batch = np.stack([self.preprocess(image) for image in images]) if images else None
+        if batch is None or not len(batch):
+            return np.zeros((0, len(self.labels)), np.float32)
+        return self._run(batch)
 
-    def _ranked(self, probs: np.ndarray, top_k: int | None) -> list[tuple[str, float]]:
+    def _ranked(self, probs: np.ndarray, top_k: int | None) -> list[Prediction]:
         order = np.argsort(-probs, kind="stable")[: top_k or len(self.labels)]
-        return [(self.labels[i], float(probs[i])) for i in order]
+        return [Prediction(self.labels[i], float(probs[i]), int(i)) for i in order]
 
-    def predict(self, image: ImageSource, top_k: int | None = None) -> list[tuple[str, float]]:
-        """(label, score) pairs for one image (path, bytes, PIL image or uint8 array), best first."""
+    def predict(self, image: ImageSource, top_k: int | None = None) -> list[Prediction]:
+        """Ranked predictions for one image (path, bytes, PIL image or uint8 array), best first."""
+        _check_top_k(top_k)
+        if isinstance(image, (list, tuple, set)):
+            raise FlowerxError("predict() takes one image; use predict_batch() for a list of images")
         return self._ranked(self.probabilities([image])[0], top_k)
 
     def predict_batch(
-        self, images: Sequence[ImageSource], top_k: int | None = None, batch_size: int = 32
-    ) -> list[list[tuple[str, float]]]:
+        self, images: Iterable[ImageSource], top_k: int | None = None, batch_size: int = 32
+    ) -> list[list[Prediction]]:
         """predict() for many images, decoded in parallel and run in batches. Raises on the first bad image."""
+        _check_top_k(top_k)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise FlowerxError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+        images = _as_list(images, "predict_batch")
         results = []
         with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
             for start in range(0, len(images), batch_size):
                 batch = np.stack(list(pool.map(self.preprocess, images[start : start + batch_size])))
-                results.extend(self._ranked(p, top_k) for p in self.probabilities(batch))
+                results.extend(self._ranked(p, top_k) for p in self._run(batch))
         return results
+
+
+def _as_list(images: object, method: str) -> list:
+    """A collection of images as a list; one image (or a folder's path) passed by mistake is a clear error."""
+    if isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike)) or images is None or \
+            type(images).__module__.startswith("PIL."):
+        raise FlowerxError(f"{method}() takes a list of images, not one {type(images).__name__}; for a folder, "
+                           "pass flowerx.data.list_images(folder)")
+    if isinstance(images, np.ndarray):
+        return list(images)
+    try:
+        return list(images)
+    except TypeError:
+        raise FlowerxError(f"{method}() takes a list of images, not {type(images).__name__}") from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -19,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 
 from .bottlenecks import stream_session
-from .data import ImageItem, discover, prepare_image, split_of
+from .data import ImageItem, discover, prepare_image, split_names
 from .errors import FlowerxError, ImageError
-from .fileio import atomic_write
+from .events import QUIET, Events
+from .fileio import atomic_write, check_outputs
 
 CALIBRATION_IMAGES = 200
 
@@ -124,8 +125,8 @@ def compute_features(model_bytes: bytes, items: list[ImageItem], size: int) -> t
 
 
 def export_int8(
-    float_graph: str | os.PathLike, image_dir: str, max_drop: float = 1.0, console: Console | None = None,
-    steps: int = 4000, learning_rate: float = 0.01, seed: int = 0,
+    float_graph: str | os.PathLike, image_dir: str, max_drop: float = 1.0, events: Events = QUIET,
+    steps: int = 4000, learning_rate: float = 0.01, seed: int = 0, follow_links: bool = False,
 ) -> Int8Result:
     """Write <graph>.int8.onnx beside a flowerx float model, calibrated and re-fitted on image_dir's
     training split, if its test accuracy is within max_drop points of the float model's."""
@@ -133,27 +134,24 @@ def export_int8(
 
     from exporters.onnx_export import append_head, set_metadata
 
-    from .predictor import Predictor
+    from .predictor import Predictor, read_training, split_percentages
     from .train import TrainConfig, accuracy_of, train_head
 
-    console = console or Console(stderr=True)
-    float_graph = Path(float_graph)
+    if not math.isfinite(max_drop):  # negative is allowed: the int8 model must then be better by that much
+        raise FlowerxError(f"--max-accuracy-drop must be a finite number, got {max_drop}")
+    float_graph = Path(float_graph).expanduser()
+    check_outputs({"the int8 model": int8_path(float_graph)}, {"--graph": float_graph})
     predictor = Predictor(float_graph, providers="cpu")
     meta, size = dict(predictor.metadata), predictor.input_size
-    try:
-        training = json.loads(meta.get("training") or "{}")
-        if not isinstance(training, dict):
-            raise ValueError("not a JSON object")
-    except ValueError as e:
-        raise FlowerxError(f"{float_graph.name}: unreadable 'training' metadata ({e})") from None
-    val_pct, test_pct = training.get("validation_percentage", 10.0), training.get("testing_percentage", 10.0)
-    dataset = discover(image_dir)
+    training = read_training(meta, float_graph.name)
+    val_pct, test_pct = split_percentages(training, float_graph.name) or (10.0, 10.0)
+    dataset = discover(image_dir, follow_links)
     unknown = [label for label in dataset.labels if label not in predictor.labels]
     if unknown:
         raise FlowerxError(f"folders {', '.join(unknown)} are not labels of {float_graph.name}")
     items = dataset.items
     y = np.array([predictor.labels.index(dataset.labels[i.label]) for i in items])
-    names = np.array([split_of(i.relpath, val_pct, test_pct) for i in items])
+    names = split_names(items, val_pct, test_pct)
 
     model = onnx.load(str(float_graph))
     features_model = strip_head(model)
@@ -170,7 +168,7 @@ def export_int8(
             break
     if not calibration:
         raise FlowerxError("no readable training images to calibrate the int8 model on")
-    console.print(f"int8: calibrating on {len(calibration)} training images", highlight=False)
+    events.info(f"int8: calibrating on {len(calibration)} training images")
     quantized = quantize_features(features_model, np.stack(calibration))
     int8_x, ok = compute_features(quantized, items, size)
     splits = {s: np.flatnonzero((names == s) & ok) for s in ("train", "validation", "test")}
@@ -179,16 +177,16 @@ def export_int8(
     float_x, _ = compute_features(features_model.SerializeToString(), [items[i] for i in splits["test"]], size)
     float_acc = accuracy_of(float_x, y[splits["test"]], np.arange(len(splits["test"])),
                             initializers["head/kernel"], initializers["head/bias"])
-    console.print("int8: re-fitting the head on the int8 network's features", highlight=False)
+    events.info("int8: re-fitting the head on the int8 network's features")
     cfg = TrainConfig(image_dir=image_dir, how_many_training_steps=steps, learning_rate=learning_rate,
                       eval_step_interval=steps, seed=seed)
-    kernel, bias, _ = train_head(int8_x, y, splits, len(predictor.labels), cfg, Console(quiet=True), None)
+    kernel, bias, _ = train_head(int8_x, y, splits, len(predictor.labels), cfg, QUIET, None)
     int8_acc = accuracy_of(int8_x, y, splits["test"], kernel, bias)
     drop = (float_acc - int8_acc) * 100
     path = int8_path(float_graph)
     summary = (f"int8 test accuracy {int8_acc * 100:.1f}% vs float {float_acc * 100:.1f}% "
                f"(N={len(splits['test'])}, drop {drop:.1f} points, limit {max_drop:.1f})")
-    if drop > max_drop:
+    if not drop <= max_drop:  # NaN-safe: an accuracy that is not a number never passes
         return Int8Result(path, False, float_acc, int8_acc, len(splits["test"]), f"{summary}: int8 model not written")
 
     combined = append_head(onnx.load_from_string(quantized), kernel, bias)
@@ -211,5 +209,5 @@ def _check_composition(model: bytes, features: bytes, kernel: np.ndarray, bias: 
     logits = x @ kernel + bias
     want = np.exp(logits - logits.max(1, keepdims=True))
     want /= want.sum(1, keepdims=True)
-    if np.abs(got - want).max() > 1e-4:
+    if not np.abs(got - want).max() <= 1e-4:  # NaN-safe
         raise FlowerxError("the int8 model does not match its parts; not written")

@@ -69,7 +69,7 @@ def trained(shared: Path, tmp_path_factory) -> dict:
     assert cold.returncode == 0, cold.stderr + cold.stdout
     warm = run_cli(*args)
     assert warm.returncode == 0, warm.stderr + warm.stdout
-    return {"dir": work, "model": work / "out" / "model.onnx", "labels": work / "out" / "labels.txt",
+    return {"dir": work, "model": work / "out" / "model.onnx", "labels": work / "out" / "model.labels.txt",
             "cold": cold, "warm": warm}
 
 

@@ -33,7 +33,7 @@ def test_discover_labels_sorted_skips_empty_and_needs_two_classes(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "a" / "notes.txt").write_text("not an image")
     ds = discover(tmp_path)
-    assert ds.labels == ["a", "b"] and ds.skipped_folders == ["empty"] and len(ds.items) == 2
+    assert ds.labels == ["a", "b"] and ds.skipped_folders == [("empty", "no images in it")] and len(ds.items) == 2
     import shutil
     shutil.rmtree(tmp_path / "b")
     with pytest.raises(FlowerxError, match="at least two class folders"):

@@ -23,8 +23,10 @@ def test_train_reaches_tutorial_accuracy(trained):
     assert cached + computed == 3136 and computed >= 3130  # a cold run; byte-identical photos are computed once
     assert trained["labels"].read_text().split() == ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
     assert "=== MISCLASSIFIED TEST IMAGES ===" in trained["cold"].stdout
-    assert list((trained["dir"] / "summaries" / "mobilenet_0.25_224" / "train").glob("events.out.tfevents.*"))
-    assert list((trained["dir"] / "summaries" / "mobilenet_0.25_224" / "validation").glob("events.out.tfevents.*"))
+    runs = sorted((trained["dir"] / "summaries" / "mobilenet_0.25_224").iterdir())
+    assert len(runs) == 2  # the cold run and the warm rerun: each its own run folder, the earlier one kept
+    assert all(list((run / "train").glob("events.out.tfevents.*")) for run in runs)
+    assert all(list((run / "validation").glob("events.out.tfevents.*")) for run in runs)
 
 
 def test_rerun_reuses_every_bottleneck_and_gives_the_same_model(trained):

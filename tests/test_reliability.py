@@ -64,7 +64,9 @@ def test_unreadable_file(tmp_path, monkeypatch):
     if not ROOT:
         path.chmod(0)
     else:  # root reads any file: make the read fail the way a permission error does
-        monkeypatch.setattr(Path, "read_bytes", lambda self: (_ for _ in ()).throw(PermissionError(13, "denied")))
+        from flowerx import data
+
+        monkeypatch.setattr(data, "read_regular", lambda *a: (_ for _ in ()).throw(PermissionError(13, "denied")))
     with pytest.raises(ImageError, match="permission denied"):
         prepare_image(path, 8)
 
