@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine (see README):
 #   make demo   create .venv, install flowerx with its extras, train on the flower photos, classify a daisy
-#   make test   create .venv, install flowerx with its extras, run the test suite
+#   make test   create .venv, install flowerx with its extras, lint (ruff), run the test suite
 # make bench regenerates benchmarks/results/ and benchmarks/README.md (several minutes; keep the machine quiet).
 # make accuracy regenerates benchmarks/results/accuracy.json, the README's accuracy table (about 20 minutes).
 PYTHON ?= python3
@@ -26,6 +26,8 @@ demo: $(BIN)/.installed
 	$(BIN)/flowerx classify $(SHARED)/flower_photos/daisy/21652746_cc379e0eea_m.jpg --graph $(MODEL)
 
 test: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	FLOWERX_SHARED=$${FLOWERX_SHARED:-$(abspath $(SHARED))} $(BIN)/python -m pytest -q
 
 bench: $(BIN)/.installed

@@ -34,13 +34,32 @@ ARCHITECTURES = ("mobilenet_0.25_224", "mobilenet_1.0_224")
 
 def train(arch: str, extra: list[str], shared: Path, work: Path, name: str) -> dict:
     out = work / arch / re.sub(r"\W+", "_", name)
-    wall, peak_mb, text = run_flowerx_train([
-        "--image-dir", str(shared / "flower_photos"), "--architecture", arch, "--model-dir", str(shared / "models"),
-        "--bottleneck-dir", str(work / "bottlenecks"), "--summaries-dir", "", "--output-graph",
-        str(out / "model.onnx"), *extra])
-    row = {"architecture": arch, "row": name, "flags": extra, "wall_s": round(wall, 1), "peak_mb": int(peak_mb),
-           "test_accuracy": float(re.search(r"Final test accuracy = ([\d.]+)%", text).group(1)),
-           "validation_accuracy": float(re.findall(r"validation accuracy +([\d.]+)%", text)[-1])}
+    wall, peak_mb, text = run_flowerx_train(
+        [
+            "--image-dir",
+            str(shared / "flower_photos"),
+            "--architecture",
+            arch,
+            "--model-dir",
+            str(shared / "models"),
+            "--bottleneck-dir",
+            str(work / "bottlenecks"),
+            "--summaries-dir",
+            "",
+            "--output-graph",
+            str(out / "model.onnx"),
+            *extra,
+        ]
+    )
+    row = {
+        "architecture": arch,
+        "row": name,
+        "flags": extra,
+        "wall_s": round(wall, 1),
+        "peak_mb": int(peak_mb),
+        "test_accuracy": float(re.search(r"Final test accuracy = ([\d.]+)%", text).group(1)),
+        "validation_accuracy": float(re.findall(r"validation accuracy +([\d.]+)%", text)[-1]),
+    }
     kept = re.search(r"kept epoch (\d+) \(validation accuracy ([\d.]+)%", text)
     row["reused_fine_tune_checkpoint"] = "Fine-tune: finished after epoch" in text  # time excludes fine-tuning
     if "--fine-tune-blocks" in extra:
@@ -68,11 +87,17 @@ def main(argv: list[str] | None = None) -> None:
             for name, extra in ROWS:
                 rows.append(train(arch, extra, args.shared, work, name))
                 r = rows[-1]
-                print(f"{arch:<20} {name:<36} test {r['test_accuracy']:5.1f}%  validation "
-                      f"{r['validation_accuracy']:5.1f}%  {r['wall_s']:7.1f} s  {r['peak_mb']:>5} MB"
-                      + (f"  kept epoch {r['kept_epoch']}/{r['epochs_run']}" if "kept_epoch" in r else "")
-                      + (f"  int8 {r['int8_test_accuracy']:.1f}% ({'written' if r['int8_written'] else 'refused'})"
-                         if "int8_test_accuracy" in r else ""), flush=True)
+                print(
+                    f"{arch:<20} {name:<36} test {r['test_accuracy']:5.1f}%  validation "
+                    f"{r['validation_accuracy']:5.1f}%  {r['wall_s']:7.1f} s  {r['peak_mb']:>5} MB"
+                    + (f"  kept epoch {r['kept_epoch']}/{r['epochs_run']}" if "kept_epoch" in r else "")
+                    + (
+                        f"  int8 {r['int8_test_accuracy']:.1f}% ({'written' if r['int8_written'] else 'refused'})"
+                        if "int8_test_accuracy" in r
+                        else ""
+                    ),
+                    flush=True,
+                )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"machine": machine_info(), "rows": rows}, indent=1))
 

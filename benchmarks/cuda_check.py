@@ -54,11 +54,15 @@ def check(graph: Path, images: np.ndarray, runs: int) -> dict:
     }
     for batch in (1, 32):
         x = np.ascontiguousarray(np.resize(images, (batch, *images.shape[1:])))
-        cpu_ms = median_ms(lambda: cpu.probabilities(x), runs)
-        gpu_ms = median_ms(lambda: gpu.probabilities(x), runs)
+        cpu_ms = median_ms(lambda x=x: cpu.probabilities(x), runs)
+        gpu_ms = median_ms(lambda x=x: gpu.probabilities(x), runs)
         row[f"batch{batch}"] = {"cpu_ms": cpu_ms, "cuda_ms": gpu_ms, "cuda_speedup": cpu_ms / gpu_ms}
-    row["ok"] = (gpu.provider == "CUDAExecutionProvider" and auto.provider == "CUDAExecutionProvider"
-                 and row["top1_agree"] == 1.0 and (row["int8"] or row["max_prob_diff"] <= PROB_ATOL))
+    row["ok"] = (
+        gpu.provider == "CUDAExecutionProvider"
+        and auto.provider == "CUDAExecutionProvider"
+        and row["top1_agree"] == 1.0
+        and (row["int8"] or row["max_prob_diff"] <= PROB_ATOL)
+    )
     return row
 
 
@@ -80,17 +84,22 @@ def main(argv: list[str] | None = None) -> int:
         images = np.stack([prepare_image(p, size) for p in paths])
         rows.append(check(graph, images, args.runs))
         r = rows[-1]
-        print(f"{graph.name}: CUDA {'OK' if r['ok'] else 'FAILED'} (providers {r['cuda_provider']}, auto -> "
-              f"{r['auto_provider']}); max |p_cpu - p_cuda| {r['max_prob_diff']:.2e}, top-1 agree "
-              f"{r['top1_agree'] * 100:.0f}% on {len(images)} photos")
+        print(
+            f"{graph.name}: CUDA {'OK' if r['ok'] else 'FAILED'} (providers {r['cuda_provider']}, auto -> "
+            f"{r['auto_provider']}); max |p_cpu - p_cuda| {r['max_prob_diff']:.2e}, top-1 agree "
+            f"{r['top1_agree'] * 100:.0f}% on {len(images)} photos"
+        )
         for b in (1, 32):
             m = r[f"batch{b}"]
-            print(f"  batch {b:>2}: CPU {m['cpu_ms']:7.2f} ms, CUDA {m['cuda_ms']:7.2f} ms -> "
-                  f"CUDA {m['cuda_speedup']:.1f}x the CPU")
+            print(
+                f"  batch {b:>2}: CPU {m['cpu_ms']:7.2f} ms, CUDA {m['cuda_ms']:7.2f} ms -> "
+                f"CUDA {m['cuda_speedup']:.1f}x the CPU"
+            )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": platform.node(), "onnxruntime": ort.__version__,
-                                         "rows": rows}, indent=1))
+        args.json.write_text(
+            json.dumps({"machine": platform.node(), "onnxruntime": ort.__version__, "rows": rows}, indent=1)
+        )
     return 0 if all(r["ok"] for r in rows) else 1
 
 

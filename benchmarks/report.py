@@ -19,8 +19,11 @@ def _fmt(value, spec: str) -> str:
 
 
 def inference_table(report: dict) -> str:
-    lines = ["| model | runtime | threads | weights | median ms | p90 | p99 | x flowerx | img/s @batch | MB | "
-             "params M | MMACs | load s | peak MB | acc % |", "|" + "---|" * 15]
+    lines = [
+        "| model | runtime | threads | weights | median ms | p90 | p99 | x flowerx | img/s @batch | MB | "
+        "params M | MMACs | load s | peak MB | acc % |",
+        "|" + "---|" * 15,
+    ]
     for r in report["rows"]:
         if r["status"] != "ok":
             lines.append(f"| {r['model']} | {r['runtime']} | {r['threads']} | | {r['status']} |" + " |" * 10)
@@ -31,13 +34,20 @@ def inference_table(report: dict) -> str:
             f"{_fmt(r['p90_ms'], '.2f')} | {_fmt(r['p99_ms'], '.2f')} | {_fmt(r['ratio'], '.2f')} | "
             f"{_fmt(r['throughput_ips'], '.0f')} | {_fmt(r['file_mb'], '.1f')} | {_fmt(r['params'] / 1e6, '.2f')} | "
             f"{_fmt(r['macs'] / 1e6, '.0f')} | {_fmt(r['load_s'], '.2f')} | {_fmt(r['peak_mb'], '.0f')} | "
-            f"{_fmt(r['accuracy'] and r['accuracy'] * 100, '.1f')} |")
+            f"{_fmt(r['accuracy'] and r['accuracy'] * 100, '.1f')} |"
+        )
     return "\n".join(lines)
 
 
 def _row(report: dict, model: str, runtime: str, threads: int) -> dict | None:
-    return next((r for r in report["rows"] if r["model"] == model and r["runtime"] == runtime
-                 and r["threads"] == threads and r["status"] == "ok"), None)
+    return next(
+        (
+            r
+            for r in report["rows"]
+            if r["model"] == model and r["runtime"] == runtime and r["threads"] == threads and r["status"] == "ok"
+        ),
+        None,
+    )
 
 
 def inference_targets(report: dict) -> str:
@@ -46,18 +56,24 @@ def inference_targets(report: dict) -> str:
         ort, tf, lite = (_row(report, model, rt, threads) for rt in ("onnxruntime", "tensorflow", "litert"))
         if ort and tf:
             verdict = "met" if tf["ratio"] >= 3 else f"missed: {tf['ratio']:.2f}x"
-            out.append(f"- {model}, {threads} thread(s): flowerx {ort['median_ms']:.2f} ms vs TensorFlow "
-                       f"{tf['median_ms']:.2f} ms = **{tf['ratio']:.2f}x faster** (target 3x: {verdict}).")
+            out.append(
+                f"- {model}, {threads} thread(s): flowerx {ort['median_ms']:.2f} ms vs TensorFlow "
+                f"{tf['median_ms']:.2f} ms = **{tf['ratio']:.2f}x faster** (target 3x: {verdict})."
+            )
         if ort and lite:
             slower = ort["median_ms"] / lite["median_ms"]
             verdict = "met" if slower <= 1.0 else f"missed: flowerx is {(slower - 1) * 100:.0f}% slower"
-            out.append(f"- {model}, {threads} thread(s): LiteRT/XNNPACK {lite['median_ms']:.2f} ms, "
-                       f"flowerx/LiteRT = **{slower:.2f}** (target <= 1: {verdict}).")
+            out.append(
+                f"- {model}, {threads} thread(s): LiteRT/XNNPACK {lite['median_ms']:.2f} ms, "
+                f"flowerx/LiteRT = **{slower:.2f}** (target <= 1: {verdict})."
+            )
     for e in report.get("end_to_end", []):
         if e.get("speedup"):
             verdict = "met" if e["speedup"] >= 4 else "missed"
-            out.append(f"- End to end, `flowerx classify one.jpg` ({e['model']}): {e['flowerx_s']:.2f} s vs "
-                       f"{e['tensorflow_s']:.2f} s in TensorFlow = **{e['speedup']:.1f}x** (target 4x: {verdict}).")
+            out.append(
+                f"- End to end, `flowerx classify one.jpg` ({e['model']}): {e['flowerx_s']:.2f} s vs "
+                f"{e['tensorflow_s']:.2f} s in TensorFlow = **{e['speedup']:.1f}x** (target 4x: {verdict})."
+            )
     return "\n".join(out)
 
 
@@ -68,7 +84,10 @@ def train_table(report: dict) -> str:
         ("decode core-ms per image", lambda r: f"{r['decode_core_ms_per_image']:.2f}"),
         ("network only, all cores (img/s)", lambda r: f"{r['network_only_images_per_s']:.0f}"),
         ("network core-ms per image", lambda r: f"{r['network_core_ms_per_image']:.2f}"),
-        ("hardware limit = cores / (decode + network core-s) (img/s)", lambda r: f"{r['hardware_limit_images_per_s']:.0f}"),
+        (
+            "hardware limit = cores / (decode + network core-s) (img/s)",
+            lambda r: f"{r['hardware_limit_images_per_s']:.0f}",
+        ),
         ("**flowerx cold bottleneck pass (img/s)**", lambda r: f"**{r['cold_pass_images_per_s']:.0f}**"),
         ("fraction of the limit (target >= 90%)", lambda r: f"{r['cold_pass_fraction_of_limit']:.0%}"),
         ("retrain.py-style per-image TF loop (img/s)", lambda r: f"{r['per_image_loop_images_per_s']:.0f}"),
@@ -76,8 +95,10 @@ def train_table(report: dict) -> str:
         ("head training, 4000 steps (s)", lambda r: f"{r['head_training_s']:.1f}"),
         ("`flowerx train` cold, wall (s)", lambda r: f"{r['train_cold']['wall_s']:.1f}"),
         ("`flowerx train` warm, wall (s) (target < 15 s for 1.0_224)", lambda r: f"{r['train_warm']['wall_s']:.1f}"),
-        ("peak memory cold / warm (MB) (target < 3000)",
-         lambda r: f"{r['train_cold']['peak_mb']:.0f} / {r['train_warm']['peak_mb']:.0f}"),
+        (
+            "peak memory cold / warm (MB) (target < 3000)",
+            lambda r: f"{r['train_cold']['peak_mb']:.0f} / {r['train_warm']['peak_mb']:.0f}",
+        ),
         ("test accuracy (%)", lambda r: f"{r['train_cold']['test_accuracy']:.1f}"),
     ]
     for i, point in enumerate(results[0]["scaling"]):

@@ -34,8 +34,10 @@ from flowerx.bottlenecks import BottleneckCache, get_bottlenecks, stream_session
 from flowerx.data import discover, prepare_image
 
 ARCHITECTURES = ("mobilenet_0.25_224", "mobilenet_1.0_224")
-PEAK_RSS = "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); " \
-           "print('PEAK_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)"
+PEAK_RSS = (
+    "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+    "print('PEAK_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)"
+)
 
 
 def run_flowerx_train(args: list[str]) -> tuple[float, float, str]:
@@ -51,15 +53,31 @@ def run_flowerx_train(args: list[str]) -> tuple[float, float, str]:
 
 def flowerx_train(arch: str, shared: Path, work: Path) -> dict:
     """One `flowerx train` run: wall time, peak RSS, and the phase times it prints."""
-    wall, peak_mb, stdout = run_flowerx_train([
-        "--image-dir", str(shared / "flower_photos"), "--architecture", arch, "--model-dir", str(shared / "models"),
-        "--bottleneck-dir", str(work / "bottlenecks"), "--summaries-dir", str(work / "summaries"),
-        "--output-graph", str(work / "model.onnx")])
+    wall, peak_mb, stdout = run_flowerx_train(
+        [
+            "--image-dir",
+            str(shared / "flower_photos"),
+            "--architecture",
+            arch,
+            "--model-dir",
+            str(shared / "models"),
+            "--bottleneck-dir",
+            str(work / "bottlenecks"),
+            "--summaries-dir",
+            str(work / "summaries"),
+            "--output-graph",
+            str(work / "model.onnx"),
+        ]
+    )
     phases = dict(re.findall(r"(bottlenecks|head|export) ([\d.]+) s", stdout))
-    return {"wall_s": wall, "peak_mb": peak_mb,
-            "bottlenecks_s": float(phases["bottlenecks"]), "head_s": float(phases["head"]),
-            "export_s": float(phases["export"]),
-            "test_accuracy": float(re.search(r"Final test accuracy = ([\d.]+)%", stdout).group(1))}
+    return {
+        "wall_s": wall,
+        "peak_mb": peak_mb,
+        "bottlenecks_s": float(phases["bottlenecks"]),
+        "head_s": float(phases["head"]),
+        "export_s": float(phases["export"]),
+        "test_accuracy": float(re.search(r"Final test accuracy = ([\d.]+)%", stdout).group(1)),
+    }
 
 
 def decode_rates(paths: list[Path], size: int, cores: int) -> tuple[float, float]:
@@ -110,10 +128,25 @@ def cold_pass(items, arch, weights: Path, features_onnx: Path, root: Path) -> fl
 
 
 def per_image_baseline(arch: str, shared: Path, count: int) -> float:
-    result = subprocess.run([sys.executable, "-m", "benchmarks.workers", "per-image-loop", "--arch", arch,
-                             "--model-dir", str(shared / "models"), "--image-dir", str(shared / "flower_photos"),
-                             "--count", str(count)], capture_output=True, text=True,
-                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.workers",
+            "per-image-loop",
+            "--arch",
+            arch,
+            "--model-dir",
+            str(shared / "models"),
+            "--image-dir",
+            str(shared / "flower_photos"),
+            "--count",
+            str(count),
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
     if result.returncode != 0:
         raise SystemExit(f"baseline failed: {result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])["images_per_s"]
@@ -128,7 +161,9 @@ def bench_architecture(name: str, shared: Path, work: Path, baseline_count: int)
     dataset = discover(shared / "flower_photos")
     paths = [item.path for item in dataset.items]
     weights = shared / "models" / arch.weights_file
-    features_onnx = BottleneckCache(work / name / "bottlenecks", arch, weights_fingerprint(weights)).dir / "features.onnx"
+    features_onnx = (
+        BottleneckCache(work / name / "bottlenecks", arch, weights_fingerprint(weights)).dir / "features.onnx"
+    )
     decode_core_s, decode_ips = decode_rates(paths, arch.input_size, cores)
     network_core_s, network_ips = network_rates(features_onnx, arch.input_size, cores)
     limit_ips = cores / (decode_core_s + network_core_s)
@@ -142,13 +177,22 @@ def bench_architecture(name: str, shared: Path, work: Path, baseline_count: int)
     scaling.append({"images": len(paths), "seconds": pass_s, "images_per_s": pass_ips})
     baseline_ips = per_image_baseline(name, shared, baseline_count)
     return {
-        "architecture": name, "images": len(paths), "cores": cores,
-        "decode_core_ms_per_image": decode_core_s * 1000, "decode_only_images_per_s": decode_ips,
-        "network_core_ms_per_image": network_core_s * 1000, "network_only_images_per_s": network_ips,
+        "architecture": name,
+        "images": len(paths),
+        "cores": cores,
+        "decode_core_ms_per_image": decode_core_s * 1000,
+        "decode_only_images_per_s": decode_ips,
+        "network_core_ms_per_image": network_core_s * 1000,
+        "network_only_images_per_s": network_ips,
         "hardware_limit_images_per_s": limit_ips,
-        "cold_pass_images_per_s": pass_ips, "cold_pass_fraction_of_limit": pass_ips / limit_ips,
-        "per_image_loop_images_per_s": baseline_ips, "cold_pass_speedup_vs_per_image_loop": pass_ips / baseline_ips,
-        "head_training_s": warm["head_s"], "train_cold": cold, "train_warm": warm, "scaling": scaling,
+        "cold_pass_images_per_s": pass_ips,
+        "cold_pass_fraction_of_limit": pass_ips / limit_ips,
+        "per_image_loop_images_per_s": baseline_ips,
+        "cold_pass_speedup_vs_per_image_loop": pass_ips / baseline_ips,
+        "head_training_s": warm["head_s"],
+        "train_cold": cold,
+        "train_warm": warm,
+        "scaling": scaling,
     }
 
 
@@ -176,8 +220,10 @@ def print_table(results: list[dict]) -> None:
         table.add_row(label, *[f"{r[key]['wall_s']:.1f}" for r in results])
         table.add_row("  peak memory (MB)", *[f"{r[key]['peak_mb']:.0f}" for r in results])
     for i in range(3):
-        table.add_row(f"cold pass, {results[0]['scaling'][i]['images']} images (s)",
-                      *[f"{r['scaling'][i]['seconds']:.1f}" for r in results])
+        table.add_row(
+            f"cold pass, {results[0]['scaling'][i]['images']} images (s)",
+            *[f"{r['scaling'][i]['seconds']:.1f}" for r in results],
+        )
     Console(width=120).print(table)
 
 

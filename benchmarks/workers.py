@@ -65,16 +65,27 @@ def prepare(args: argparse.Namespace) -> None:
     if not args.graph:
         from exporters.onnx_export import export
 
-        metadata = {"labels": labels, "input_size": str(arch.input_size), "architecture": arch.name,
-                    "resize": "bilinear", "weights": "imagenet" if real else "random"}
+        metadata = {
+            "labels": labels,
+            "input_size": str(arch.input_size),
+            "architecture": arch.name,
+            "resize": "bilinear",
+            "weights": "imagenet" if real else "random",
+        }
         data, _ = export(model, arch.input_size, metadata, images[:4])
         atomic_write(out / "model.onnx", data)
 
     model.export(str(out / "savedmodel"), format="tf_saved_model", verbose=False)  # endpoint `serve`
     atomic_write(out / "model.tflite", tf.lite.TFLiteConverter.from_saved_model(str(out / "savedmodel")).convert())
 
-    info = {"architecture": arch.name, "input_size": arch.input_size, "weights": "imagenet" if real else "random",
-            "params": int(model.count_params()), "macs": count_macs(model), "labels": labels}
+    info = {
+        "architecture": arch.name,
+        "input_size": arch.input_size,
+        "weights": "imagenet" if real else "random",
+        "params": int(model.count_params()),
+        "macs": count_macs(model),
+        "labels": labels,
+    }
     atomic_write(out / "info.json", json.dumps(info).encode())
 
 
@@ -142,11 +153,21 @@ def measure(args: argparse.Namespace) -> None:
         count += 1
     throughput = count * args.batch / (time.perf_counter() - t0)
 
-    print(json.dumps({
-        "median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)),
-        "p99_ms": float(np.percentile(ms, 99)), "runs": len(times), "throughput_ips": throughput,
-        "batch": args.batch, "file_mb": file_bytes / 1e6, "load_s": load_s, "peak_mb": _peak_mb(),
-    }))
+    print(
+        json.dumps(
+            {
+                "median_ms": float(np.median(ms)),
+                "p90_ms": float(np.percentile(ms, 90)),
+                "p99_ms": float(np.percentile(ms, 99)),
+                "runs": len(times),
+                "throughput_ips": throughput,
+                "batch": args.batch,
+                "file_mb": file_bytes / 1e6,
+                "load_s": load_s,
+                "peak_mb": _peak_mb(),
+            }
+        )
+    )
 
 
 def tf_classify(args: argparse.Namespace) -> None:

@@ -49,15 +49,19 @@ def append_head(features_proto, kernel: np.ndarray, bias: np.ndarray):
     graph = model.graph
     (features,) = graph.output
     num_classes = kernel.shape[1]
-    graph.initializer.extend([
-        numpy_helper.from_array(kernel.astype(np.float32), "head/kernel"),
-        numpy_helper.from_array(bias.astype(np.float32), "head/bias"),
-    ])
-    graph.node.extend([
-        helper.make_node("MatMul", [features.name, "head/kernel"], ["head/matmul"], name="head/MatMul"),
-        helper.make_node("Add", ["head/matmul", "head/bias"], ["head/logits"], name="head/Add"),
-        helper.make_node("Softmax", ["head/logits"], ["probs"], name="head/Softmax", axis=-1),
-    ])
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(kernel.astype(np.float32), "head/kernel"),
+            numpy_helper.from_array(bias.astype(np.float32), "head/bias"),
+        ]
+    )
+    graph.node.extend(
+        [
+            helper.make_node("MatMul", [features.name, "head/kernel"], ["head/matmul"], name="head/MatMul"),
+            helper.make_node("Add", ["head/matmul", "head/bias"], ["head/logits"], name="head/Add"),
+            helper.make_node("Softmax", ["head/logits"], ["probs"], name="head/Softmax", axis=-1),
+        ]
+    )
     batch = features.type.tensor_type.shape.dim[0]
     probs = helper.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, [batch.dim_param or None, num_classes])
     del graph.output[:]
@@ -85,8 +89,10 @@ def check_parity(
     got = session.run(None, {"image": images})[0]
     want = np.asarray(keras_model(images, training=False))
     if not (np.isfinite(got).all() and np.isfinite(want).all()):
-        raise FlowerxError(f"the exported model's outputs are not finite (NaN or inf) on {len(images)} real images: "
-                           "training diverged; model not written")
+        raise FlowerxError(
+            f"the exported model's outputs are not finite (NaN or inf) on {len(images)} real images: "
+            "training diverged; model not written"
+        )
     diff = float(np.abs(got - want).max())
     if not diff <= atol or (top1 and not np.array_equal(got.argmax(1), want.argmax(1))):  # NaN-safe
         raise FlowerxError(

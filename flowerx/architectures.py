@@ -8,9 +8,9 @@ from __future__ import annotations
 import difflib
 import os
 import urllib.error
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from .errors import FlowerxError
 from .fileio import download, file_hash
@@ -22,7 +22,8 @@ MOBILENET_SIZES = (224, 192, 160, 128)
 # Hashes of Google's published files, where known (Keras pins none for MobileNet v1).
 KNOWN_HASHES = {
     "mobilenet_2_5_224_tf_no_top.h5": "dbdb03ee2a22fd895301636cd328b234bb3a9952358f436d82f46b81e0d5b0bf",
-    "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5": "bcbd6486424b2319ff4ef7d526e38f63",  # md5, as Keras pins it
+    # md5, as Keras pins it
+    "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5": "bcbd6486424b2319ff4ef7d526e38f63",
 }
 
 
@@ -103,8 +104,9 @@ def weights_fingerprint(path: Path) -> str:
     return file_hash(path)[:12]
 
 
-def resolve_weights(arch: Architecture, model_dir: str | os.PathLike,
-                    on_progress: Callable[[int, int | None], None] | None = None) -> Path:
+def resolve_weights(
+    arch: Architecture, model_dir: str | os.PathLike, on_progress: Callable[[int, int | None], None] | None = None
+) -> Path:
     """The ImageNet weights file for arch in model_dir, downloading it there when absent (on_progress gets
     the bytes so far and the total)."""
     model_dir = Path(model_dir).expanduser()

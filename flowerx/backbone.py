@@ -30,8 +30,8 @@ def _quiet_stderr():
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 with _quiet_stderr():
-    import tensorflow as tf  # noqa: F401  (re-exported: the training path imports TF from here)
     import keras
+    import tensorflow as tf  # noqa: F401  (re-exported: the training path imports TF from here)
 
 
 def build_base(arch: Architecture, weights: str | Path | None) -> keras.Model:

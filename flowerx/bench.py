@@ -18,9 +18,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from .architectures import ARCHITECTURES, default_model_dir, get_architecture
 from .errors import FlowerxError
@@ -48,10 +48,11 @@ class BenchConfig:
     end_to_end_repeats: int = 3
 
     @classmethod
-    def quick(cls, **overrides) -> "BenchConfig":
+    def quick(cls, **overrides) -> BenchConfig:
         """A smoke test that finishes in well under a minute."""
-        base = dict(architectures=["mobilenet_0.25_128"], threads=(1,), runs=20, seconds=0.5, batch=4,
-                    end_to_end_repeats=1)
+        base = dict(
+            architectures=["mobilenet_0.25_128"], threads=(1,), runs=20, seconds=0.5, batch=4, end_to_end_repeats=1
+        )
         return cls(**{**base, **overrides})
 
 
@@ -84,8 +85,15 @@ class BenchReport:
     config: dict
 
     def to_json(self) -> str:
-        return json.dumps({"machine": self.machine, "config": self.config, "rows": [asdict(r) for r in self.rows],
-                           "end_to_end": self.end_to_end}, indent=2)
+        return json.dumps(
+            {
+                "machine": self.machine,
+                "config": self.config,
+                "rows": [asdict(r) for r in self.rows],
+                "end_to_end": self.end_to_end,
+            },
+            indent=2,
+        )
 
     def to_csv(self) -> str:
         buffer = io.StringIO()
@@ -106,20 +114,34 @@ def machine_info() -> dict:
     except OSError:
         pass
     versions = {}
-    for package in ("flowerx", "onnxruntime", "onnxruntime-gpu", "tensorflow-cpu", "tensorflow", "ai-edge-litert",
-                    "tf2onnx", "numpy"):
+    for package in (
+        "flowerx",
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "tensorflow-cpu",
+        "tensorflow",
+        "ai-edge-litert",
+        "tf2onnx",
+        "numpy",
+    ):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "versions": versions}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
 
 
 def _worker(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "benchmarks.workers", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.workers", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def _why(result: subprocess.CompletedProcess) -> str:
@@ -151,17 +173,27 @@ def _plan_models(cfg: BenchConfig) -> list[_Model]:
         try:
             predictor = Predictor(graph, providers="cpu")
         except NoMetadataError:
-            raise FlowerxError(f"{graph} has no flowerx metadata: bench --graph times models written by flowerx "
-                               "train (it reads their architecture); time the network by name with "
-                               "--architectures instead") from None
+            raise FlowerxError(
+                f"{graph} has no flowerx metadata: bench --graph times models written by flowerx "
+                "train (it reads their architecture); time the network by name with "
+                "--architectures instead"
+            ) from None
         arch = predictor.metadata.get("architecture")
         if arch not in ARCHITECTURES:
             raise FlowerxError(f"{graph} does not say which architecture it is (metadata 'architecture')")
         kind = "int8" if "quantization" in predictor.metadata else "fp32"
         # The other runtimes run the same float network; one prepared copy serves every graph of it.
         folder = work / f"trained-{arch}-{len(predictor.labels)}"
-        models.append(_Model(f"{graph.name} ({arch}, {kind})", arch, folder, graph, trained=True,
-                             info={"classes": len(predictor.labels)}))
+        models.append(
+            _Model(
+                f"{graph.name} ({arch}, {kind})",
+                arch,
+                folder,
+                graph,
+                trained=True,
+                info={"classes": len(predictor.labels)},
+            )
+        )
     return models
 
 
@@ -195,9 +227,23 @@ def _measure(model: _Model, runtime: str, threads: int, cfg: BenchConfig) -> Row
         row.status = f"skipped: no {RUNTIME_FILE[runtime]} ({model.info.get('prepare_error', 'not prepared')})"
         return row
     size = get_architecture(model.arch).input_size
-    result = _worker("measure", "--runtime", runtime, "--model", str(path), "--size", str(size),
-                     "--threads", str(threads), "--runs", str(cfg.runs), "--seconds", str(cfg.seconds),
-                     "--batch", str(cfg.batch))
+    result = _worker(
+        "measure",
+        "--runtime",
+        runtime,
+        "--model",
+        str(path),
+        "--size",
+        str(size),
+        "--threads",
+        str(threads),
+        "--runs",
+        str(cfg.runs),
+        "--seconds",
+        str(cfg.seconds),
+        "--batch",
+        str(cfg.batch),
+    )
     try:
         figures = json.loads(result.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
@@ -214,8 +260,9 @@ def _timed(cmd: list[str], repeats: int) -> tuple[float | None, str]:
     walls = []
     for _ in range(repeats):
         start = time.perf_counter()
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+        result = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        )
         if result.returncode != 0:
             return None, _why(result)
         walls.append(time.perf_counter() - start)
@@ -224,15 +271,18 @@ def _timed(cmd: list[str], repeats: int) -> tuple[float | None, str]:
 
 def _end_to_end(model: _Model, image: Path, cfg: BenchConfig) -> dict:
     """Wall time of classifying one image from process start, flowerx vs. the same in TensorFlow."""
-    flowerx_s, status = _timed([sys.executable, "-m", "flowerx", "classify", str(image), "--graph", str(model.onnx)],
-                               cfg.end_to_end_repeats)
+    flowerx_s, status = _timed(
+        [sys.executable, "-m", "flowerx", "classify", str(image), "--graph", str(model.onnx)], cfg.end_to_end_repeats
+    )
     entry = {"model": model.name, "image": str(image), "flowerx_s": flowerx_s, "flowerx_status": status}
     savedmodel = model.dir / "savedmodel"
     if importlib.util.find_spec("tensorflow") is None or not savedmodel.exists():
         entry.update(tensorflow_s=None, tensorflow_status="skipped: TensorFlow not installed or no SavedModel")
     else:
-        tf_s, tf_status = _timed([sys.executable, "-m", "benchmarks.workers", "tf-classify", "--model",
-                                  str(savedmodel), str(image)], cfg.end_to_end_repeats)
+        tf_s, tf_status = _timed(
+            [sys.executable, "-m", "benchmarks.workers", "tf-classify", "--model", str(savedmodel), str(image)],
+            cfg.end_to_end_repeats,
+        )
         entry.update(tensorflow_s=tf_s, tensorflow_status=tf_status)
     if entry["flowerx_s"] and entry.get("tensorflow_s"):
         entry["speedup"] = entry["tensorflow_s"] / entry["flowerx_s"]
@@ -272,8 +322,14 @@ def run(cfg: BenchConfig, on_step: Callable[[str], None] = lambda s: None) -> Be
                 on_step(f"{model.name}: {runtime}, {threads} thread{'s' if threads > 1 else ''}")
                 rows.append(_measure(model, runtime, threads, cfg))  # says "skipped: ..." for what is missing
     for row in rows:  # ratios against flowerx's predictor in the same run
-        base = next((r for r in rows if r.model == row.model and r.threads == row.threads
-                     and r.runtime == "onnxruntime" and r.median_ms), None)
+        base = next(
+            (
+                r
+                for r in rows
+                if r.model == row.model and r.threads == row.threads and r.runtime == "onnxruntime" and r.median_ms
+            ),
+            None,
+        )
         if base and row.median_ms:
             row.ratio = row.median_ms / base.median_ms
     for model in (m for m in models if m.trained and cfg.image_dir):
@@ -302,8 +358,11 @@ def run(cfg: BenchConfig, on_step: Callable[[str], None] = lambda s: None) -> Be
 def steps(cfg: BenchConfig) -> int:
     """How many on_step calls run() makes (for a progress bar)."""
     models = len(cfg.architectures) + len(cfg.graphs)
-    return models * (1 + len(cfg.runtimes) * len(cfg.threads)) + (len(cfg.graphs) if cfg.image_dir else 0) + (
-        1 if cfg.end_to_end_repeats > 0 else 0)
+    return (
+        models * (1 + len(cfg.runtimes) * len(cfg.threads))
+        + (len(cfg.graphs) if cfg.image_dir else 0)
+        + (1 if cfg.end_to_end_repeats > 0 else 0)
+    )
 
 
 def plot(report: BenchReport, path: str | os.PathLike) -> None:
@@ -325,18 +384,31 @@ def plot(report: BenchReport, path: str | os.PathLike) -> None:
         if not mine:
             continue
         ys = [r.accuracy * 100 if use_accuracy else r.macs / 1e6 for r in mine]
-        ax.scatter([r.median_ms for r in mine], ys, s=[max(20, 25 * r.file_mb) for r in mine], alpha=0.5,
-                   color=colours[runtime], label=runtime if runtime != "onnxruntime" else "flowerx (onnxruntime)")
+        ax.scatter(
+            [r.median_ms for r in mine],
+            ys,
+            s=[max(20, 25 * r.file_mb) for r in mine],
+            alpha=0.5,
+            color=colours[runtime],
+            label=runtime if runtime != "onnxruntime" else "flowerx (onnxruntime)",
+        )
         if runtime == "onnxruntime":
             for r, y in zip(mine, ys):
-                ax.annotate(r.model.replace("mobilenet_", "mn_"), (r.median_ms, y), fontsize=7,
-                            xytext=(4, 4), textcoords="offset points")
+                ax.annotate(
+                    r.model.replace("mobilenet_", "mn_"),
+                    (r.median_ms, y),
+                    fontsize=7,
+                    xytext=(4, 4),
+                    textcoords="offset points",
+                )
     ax.set_xscale("log")
     if not use_accuracy:
         ax.set_yscale("log")
     ax.set_xlabel(f"batch-1 latency, ms ({threads} threads, median; log scale)")
     ax.set_ylabel("test accuracy, %" if use_accuracy else "MACs per image, millions (log scale)")
-    ax.set_title(f"flowerx bench on {report.machine['cpu']} ({report.machine['cores']} cores); circle area = model size")
+    ax.set_title(
+        f"flowerx bench on {report.machine['cpu']} ({report.machine['cores']} cores); circle area = model size"
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", markerscale=0.5)
     fig.tight_layout()

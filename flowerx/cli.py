@@ -28,15 +28,23 @@ from rich.text import Text
 
 from .errors import FlowerxError, ImageError
 
-DESCRIPTION = ("Teach an ImageNet network new image classes in minutes: train a new last layer on your folders "
-               "of images, export one ONNX file, classify with it anywhere (no TensorFlow needed to classify).")
-EPILOG = ("Quick start: flowerx download-flowers; flowerx train --image-dir flower_photos; "
-          "flowerx classify photo.jpg. Add -h after a command for its flags.")
+DESCRIPTION = (
+    "Teach an ImageNet network new image classes in minutes: train a new last layer on your folders "
+    "of images, export one ONNX file, classify with it anywhere (no TensorFlow needed to classify)."
+)
+EPILOG = (
+    "Quick start: flowerx download-flowers; flowerx train --image-dir flower_photos; "
+    "flowerx classify photo.jpg. Add -h after a command for its flags."
+)
 TRAIN_MODULES = ("tensorflow", "keras", "tf2onnx", "onnx")  # what the [train] extra installs
 
 # Piped output gets wide tables rather than rich's 80-column default.
-out = Console(highlight=False, soft_wrap=True, emoji=False,
-              width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
+out = Console(
+    highlight=False,
+    soft_wrap=True,
+    emoji=False,
+    width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200,
+)
 err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ud800-\udfff]")
@@ -74,8 +82,11 @@ class _Amount(ProgressColumn):
         amount = f"{show(int(task.completed))}/{show(int(task.total))}" if task.total else show(int(task.completed))
         elapsed = time.monotonic() - task.fields["t0"]
         done = task.completed - task.fields["n0"]
-        rate = "" if elapsed <= 0 or done <= 0 else (
-            f" {decimal(int(done / elapsed))}/s" if unit == "B" else f" {done / elapsed:.0f} {unit}/s")
+        rate = (
+            ""
+            if elapsed <= 0 or done <= 0
+            else (f" {decimal(int(done / elapsed))}/s" if unit == "B" else f" {done / elapsed:.0f} {unit}/s")
+        )
         return Text(amount + rate)
 
 
@@ -106,13 +117,20 @@ class Reporter:
             return
         with self._lock:
             if self._bars is None:
-                self._bars = Progress(TextColumn("[bold]{task.description}"), BarColumn(), _Amount(),
-                                      TimeRemainingColumn(), console=self.console, transient=self.transient)
+                self._bars = Progress(
+                    TextColumn("[bold]{task.description}"),
+                    BarColumn(),
+                    _Amount(),
+                    TimeRemainingColumn(),
+                    console=self.console,
+                    transient=self.transient,
+                )
                 self._bars.start()
                 self._tasks = {}
             if task not in self._tasks:
-                self._tasks[task] = self._bars.add_task(escape(printable(task)), total=total,
-                                                        unit=unit, t0=time.monotonic(), n0=done)
+                self._tasks[task] = self._bars.add_task(
+                    escape(printable(task)), total=total, unit=unit, t0=time.monotonic(), n0=done
+                )
             self._bars.update(self._tasks[task], completed=done, total=total)
             if total is not None and done >= total:
                 if not unit:  # a one-time step (e.g. the network's export) ended: rates count from now
@@ -145,10 +163,23 @@ def _normalize_flags(argv: list[str]) -> list[str]:
 def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     level = common.add_mutually_exclusive_group()
-    level.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity", default=0,
-                       help="print only warnings, errors and the final lines")
-    level.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity",
-                       help="print details too (paths, caches, run folders)")
+    level.add_argument(
+        "-q",
+        "--quiet",
+        action="store_const",
+        const=-1,
+        dest="verbosity",
+        default=0,
+        help="print only warnings, errors and the final lines",
+    )
+    level.add_argument(
+        "-v",
+        "--verbose",
+        action="store_const",
+        const=1,
+        dest="verbosity",
+        help="print details too (paths, caches, run folders)",
+    )
     return common
 
 
@@ -156,7 +187,9 @@ def _add_train(sub, common) -> None:
     from .train import GROUPS, TrainConfig
 
     p = sub.add_parser(
-        "train", parents=[common], help="retrain the last layer on a folder of images and export one ONNX file",
+        "train",
+        parents=[common],
+        help="retrain the last layer on a folder of images and export one ONNX file",
         description="Cache bottlenecks, train a softmax layer on them, export base + head as one ONNX file "
         "(with its labels and preprocessing). retrain.py's underscore spellings (--image_dir) work too.",
     )
@@ -168,18 +201,26 @@ def _add_train(sub, common) -> None:
             group.add_argument(flag, action="store_true", help=meta["help"])
             continue
         shown = "" if meta.get("required") or meta.get("derived") else f" (default: {f.default})"
-        group.add_argument(flag, type=type(f.default), default=f.default, help=meta["help"] + shown,
-                           required=bool(meta.get("required")), choices=meta.get("choices"),
-                           metavar=None if meta.get("choices") else {"graph": "PATH", "labels": "PATH"}.get(
-                               f.name.split("_")[-1], f.name.split("_")[-1].upper()))
+        group.add_argument(
+            flag,
+            type=type(f.default),
+            default=f.default,
+            help=meta["help"] + shown,
+            required=bool(meta.get("required")),
+            choices=meta.get("choices"),
+            metavar=None
+            if meta.get("choices")
+            else {"graph": "PATH", "labels": "PATH"}.get(f.name.split("_")[-1], f.name.split("_")[-1].upper()),
+        )
 
 
 def _add_model_flags(p) -> None:
     p.add_argument("--graph", default="model.onnx", help="the ONNX model (default: model.onnx)")
     p.add_argument("--labels", help="labels file, for an ONNX model without flowerx metadata")
     p.add_argument("--input-size", type=int, help="input side S, for an ONNX model without flowerx metadata")
-    p.add_argument("--providers", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="execution provider (default: auto)")
+    p.add_argument(
+        "--providers", default="auto", choices=["auto", "cpu", "cuda"], help="execution provider (default: auto)"
+    )
 
 
 def _add_classify(sub, common) -> None:
@@ -193,12 +234,19 @@ def _add_classify(sub, common) -> None:
 
 
 def _add_evaluate(sub, common) -> None:
-    p = sub.add_parser("evaluate", parents=[common],
-                       help="accuracy, per-class precision/recall and confusion matrix on a labelled folder")
+    p = sub.add_parser(
+        "evaluate",
+        parents=[common],
+        help="accuracy, per-class precision/recall and confusion matrix on a labelled folder",
+    )
     _add_model_flags(p)
     p.add_argument("--image-dir", required=True, help="folder of class subfolders named as the model's labels")
-    p.add_argument("--split", default="all", choices=["all", "train", "validation", "test"],
-                   help="evaluate only this part of the training run's split (default: all)")
+    p.add_argument(
+        "--split",
+        default="all",
+        choices=["all", "train", "validation", "test"],
+        help="evaluate only this part of the training run's split (default: all)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--output", help="also write the JSON report to this file")
     p.add_argument("--follow-links", action="store_true", help="follow folder links that lead outside the image dir")
@@ -207,16 +255,22 @@ def _add_evaluate(sub, common) -> None:
 def _add_bench(sub, common) -> None:
     from .bench import DEFAULT_ARCHITECTURES, RUNTIMES
 
-    p = sub.add_parser("bench", parents=[common], help="latency tables across model sizes and runtimes",
-                       description="Each runtime is timed in its own process. Sizes without local pretrained "
-                       "weights are built with random weights (latency does not depend on them).")
+    p = sub.add_parser(
+        "bench",
+        parents=[common],
+        help="latency tables across model sizes and runtimes",
+        description="Each runtime is timed in its own process. Sizes without local pretrained "
+        "weights are built with random weights (latency does not depend on them).",
+    )
     p.add_argument("--architectures", nargs="+", help=f"models to bench (default: {' '.join(DEFAULT_ARCHITECTURES)})")
     p.add_argument("--full", action="store_true", help="the 16 MobileNet v1 sizes and Inception V3")
     p.add_argument("--quick", action="store_true", help="a smoke test that finishes in under a minute")
     p.add_argument("--graph", nargs="+", default=[], help="also bench these trained flowerx models (float, int8)")
     p.add_argument("--image-dir", help="labelled folder: adds the trained model's accuracy")
     p.add_argument("--model-dir", help="pretrained weights folder (default: Keras' cache)")
-    p.add_argument("--work-dir", default=".flowerx/bench", help="where prepared models are kept (default: .flowerx/bench)")
+    p.add_argument(
+        "--work-dir", default=".flowerx/bench", help="where prepared models are kept (default: .flowerx/bench)"
+    )
     p.add_argument("--runtimes", nargs="+", choices=RUNTIMES, help="runtimes to time (default: all)")
     p.add_argument("--threads", nargs="+", type=int, help="thread counts (default: 1 and all cores)")
     p.add_argument("--runs", type=int, help="batch-1 runs per measurement, at most (default: 100)")
@@ -229,18 +283,24 @@ def _add_bench(sub, common) -> None:
 
 
 def _add_export_int8(sub, common) -> None:
-    p = sub.add_parser("export-int8", parents=[common],
-                       help="write an int8 (static QDQ) copy of a trained model, if accurate enough")
+    p = sub.add_parser(
+        "export-int8", parents=[common], help="write an int8 (static QDQ) copy of a trained model, if accurate enough"
+    )
     p.add_argument("--graph", default="model.onnx", help="the trained float model (default: model.onnx)")
     p.add_argument("--image-dir", required=True, help="the labelled folder it was trained on (calibration, test)")
-    p.add_argument("--max-accuracy-drop", type=float, default=1.0,
-                   help="points of test accuracy the int8 model may lose, else it is not written (default: 1.0)")
+    p.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=1.0,
+        help="points of test accuracy the int8 model may lose, else it is not written (default: 1.0)",
+    )
     p.add_argument("--follow-links", action="store_true", help="follow folder links that lead outside the image dir")
 
 
 def _add_download(sub, common) -> None:
-    p = sub.add_parser("download-flowers", parents=[common],
-                       help="download the tutorial's flower photos (CC-BY) to train on")
+    p = sub.add_parser(
+        "download-flowers", parents=[common], help="download the tutorial's flower photos (CC-BY) to train on"
+    )
     p.add_argument("--dest", default=".", help="folder to put flower_photos/ in (default: .)")
 
 
@@ -260,8 +320,10 @@ def _need_train_extra(command: str) -> None:
     """Training needs TensorFlow and the converters: say which extra installs them, before any work."""
     missing = [m for m in TRAIN_MODULES if importlib.util.find_spec(m) is None]
     if missing:
-        raise FlowerxError(f"flowerx {command} needs {', '.join(missing)}: pip install \"flowerx[train]\" "
-                           "(the base install only classifies)")
+        raise FlowerxError(
+            f'flowerx {command} needs {", ".join(missing)}: pip install "flowerx[train]" '
+            "(the base install only classifies)"
+        )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -286,10 +348,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.int8 is not None:
         say(out, result.int8.message, style="" if result.int8.written else "yellow")
     t = result.timings
-    say(out, f"Wrote {result.output_graph} and {result.output_labels} "
-             f"(ONNX matches Keras to {result.parity_max_diff:.1e}); "
-             f"bottlenecks {t['bottlenecks_s']:.1f} s, head {t['head_s']:.1f} s, export {t['export_s']:.1f} s, "
-             f"total {t['total_s']:.1f} s")
+    say(
+        out,
+        f"Wrote {result.output_graph} and {result.output_labels} "
+        f"(ONNX matches Keras to {result.parity_max_diff:.1e}); "
+        f"bottlenecks {t['bottlenecks_s']:.1f} s, head {t['head_s']:.1f} s, export {t['export_s']:.1f} s, "
+        f"total {t['total_s']:.1f} s",
+    )
     return 0
 
 
@@ -324,8 +389,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
             reporter.progress("Classifying", n, len(paths), "img")
             try:
                 ranked = predictor.predict(path, args.top_k)
-                results.append({"image": str(path), "predictions": [{"label": p.label, "score": p.score}
-                                                                    for p in ranked]})
+                results.append(
+                    {"image": str(path), "predictions": [{"label": p.label, "score": p.score} for p in ranked]}
+                )
             except ImageError as e:
                 failures += 1
                 results.append({"image": str(path), "error": str(e)})
@@ -340,16 +406,18 @@ def cmd_classify(args: argparse.Namespace) -> int:
     finally:
         reporter.close()
     if args.json:
-        print(json.dumps({"model": str(args.graph), "provider": predictor.provider, "output": kind,
-                          "results": results}, indent=2))
+        print(
+            json.dumps(
+                {"model": str(args.graph), "provider": predictor.provider, "output": kind, "results": results}, indent=2
+            )
+        )
     return 1 if failures else 0
 
 
 def _table(title: str, columns: list[str], left: tuple[str, ...] = ("label",)) -> Table:
     table = Table(title=Text(printable(title)), box=box.SIMPLE_HEAD)
     for column in columns:
-        table.add_column(Text(printable(column)), justify="left" if column in left else "right",
-                         overflow="fold")
+        table.add_column(Text(printable(column)), justify="left" if column in left else "right", overflow="fold")
     return table
 
 
@@ -382,9 +450,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(report.to_json())
         return 0
-    table = _table(f"{Path(args.graph).name} on {args.image_dir} ({report.split}): "
-                   f"accuracy {report.accuracy * 100:.1f}% (N={report.count})",
-                   ["label", "precision", "recall", "support"])
+    table = _table(
+        f"{Path(args.graph).name} on {args.image_dir} ({report.split}): "
+        f"accuracy {report.accuracy * 100:.1f}% (N={report.count})",
+        ["label", "precision", "recall", "support"],
+    )
     for i, label in enumerate(report.labels):
         _row(table, label, f"{report.precision[i]:.3f}", f"{report.recall[i]:.3f}", report.support[i])
     out.print(table)
@@ -425,15 +495,25 @@ def bench_table(report, wide: bool = False) -> tuple[Table, list[str]]:
     """The bench rows as a table (the main columns, or every one with wide), and a note per row that was
     skipped or failed (why, and what to install), printed under it."""
     columns = BENCH_COLUMNS + (BENCH_WIDE if wide else [])
-    table = _table(f"flowerx bench: {report.machine['cpu']}, {report.machine['cores']} cores (ms: median "
-                   f"batch-1 latency; x: latency / flowerx's, same threads; img/s at batch "
-                   f"{report.config.get('batch')})", [name for name, _ in columns], left=("model", "runtime"))
+    table = _table(
+        f"flowerx bench: {report.machine['cpu']}, {report.machine['cores']} cores (ms: median "
+        f"batch-1 latency; x: latency / flowerx's, same threads; img/s at batch "
+        f"{report.config.get('batch')})",
+        [name for name, _ in columns],
+        left=("model", "runtime"),
+    )
     notes = []
     for r in report.rows:
         if r.status != "ok":
             notes.append(f"[{len(notes) + 1}] {r.model}, {BENCH_COLUMNS[1][1](r)}, {r.threads} thr: {r.status}")
-            _row(table, r.model, BENCH_COLUMNS[1][1](r), r.threads, f"{r.status.split(':')[0]} [{len(notes)}]",
-                 *[""] * (len(columns) - 4))
+            _row(
+                table,
+                r.model,
+                BENCH_COLUMNS[1][1](r),
+                r.threads,
+                f"{r.status.split(':')[0]} [{len(notes)}]",
+                *[""] * (len(columns) - 4),
+            )
             continue
         _row(table, *(value(r) for _, value in columns))
     return table, notes
@@ -447,12 +527,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise FlowerxError("--quick and --full exclude each other")
     outputs = {flag: path for flag, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)) if path}
     check_outputs(outputs, {f"--graph {g}": g for g in args.graph})
-    options = {k: v for k, v in dict(
-        graphs=tuple(os.path.expanduser(g) for g in args.graph) or None, image_dir=args.image_dir,
-        model_dir=args.model_dir, work_dir=args.work_dir, runtimes=tuple(args.runtimes) if args.runtimes else None,
-        threads=tuple(args.threads) if args.threads else None, runs=args.runs, seconds=args.seconds, batch=args.batch,
-        architectures=bench.FULL_ARCHITECTURES if args.full else args.architectures,
-    ).items() if v is not None}
+    options = {
+        k: v
+        for k, v in dict(
+            graphs=tuple(os.path.expanduser(g) for g in args.graph) or None,
+            image_dir=args.image_dir,
+            model_dir=args.model_dir,
+            work_dir=args.work_dir,
+            runtimes=tuple(args.runtimes) if args.runtimes else None,
+            threads=tuple(args.threads) if args.threads else None,
+            runs=args.runs,
+            seconds=args.seconds,
+            batch=args.batch,
+            architectures=bench.FULL_ARCHITECTURES if args.full else args.architectures,
+        ).items()
+        if v is not None
+    }
     if args.graph and not args.architectures and not args.full:
         options.setdefault("architectures", [])
     cfg = bench.BenchConfig.quick(**options) if args.quick else bench.BenchConfig(**options)
@@ -474,11 +564,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         say(out, note)
     for e in report.end_to_end:
         if e.get("speedup"):
-            say(out, f"End to end, classify one image ({e['model']}): flowerx {e['flowerx_s']:.2f} s, "
-                     f"TensorFlow {e['tensorflow_s']:.2f} s: {e['speedup']:.1f}x faster")
+            say(
+                out,
+                f"End to end, classify one image ({e['model']}): flowerx {e['flowerx_s']:.2f} s, "
+                f"TensorFlow {e['tensorflow_s']:.2f} s: {e['speedup']:.1f}x faster",
+            )
         else:
-            say(out, f"End to end ({e['model']}): flowerx {_num(e['flowerx_s'], '.2f')} s ({e['flowerx_status']}); "
-                     f"TensorFlow: {e['tensorflow_status']}")
+            say(
+                out,
+                f"End to end ({e['model']}): flowerx {_num(e['flowerx_s'], '.2f')} s ({e['flowerx_status']}); "
+                f"TensorFlow: {e['tensorflow_status']}",
+            )
     if args.json:
         atomic_write(args.json, report.to_json().encode())
     if args.csv:
@@ -493,8 +589,13 @@ def cmd_export_int8(args: argparse.Namespace) -> int:
     from .quantize import export_int8
 
     reporter = Reporter(args.verbosity, err)
-    result = export_int8(os.path.expanduser(args.graph), args.image_dir, args.max_accuracy_drop, reporter.events(),
-                         follow_links=args.follow_links)
+    result = export_int8(
+        os.path.expanduser(args.graph),
+        args.image_dir,
+        args.max_accuracy_drop,
+        reporter.events(),
+        follow_links=args.follow_links,
+    )
     if not result.written:
         say(err, f"error: {result.message}")
         return 1
@@ -514,8 +615,14 @@ def cmd_download_flowers(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "classify": cmd_classify, "evaluate": cmd_evaluate, "bench": cmd_bench,
-            "export-int8": cmd_export_int8, "download-flowers": cmd_download_flowers}
+COMMANDS = {
+    "train": cmd_train,
+    "classify": cmd_classify,
+    "evaluate": cmd_evaluate,
+    "bench": cmd_bench,
+    "export-int8": cmd_export_int8,
+    "download-flowers": cmd_download_flowers,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,9 +13,9 @@ import threading
 import unicodedata
 import urllib.error
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -32,7 +32,7 @@ RESIZE_RULE = "bilinear"  # whole image to S x S, no crop; recorded in the model
 Image.MAX_IMAGE_PIXELS = 120_000_000
 warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
-ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
 MAX_IMAGE_MB = 64  # image files larger than this are refused unread; FLOWERX_MAX_IMAGE_MB overrides it
 SPLIT_FOLDERS = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
 _PIL_LOCK = threading.Lock()  # loading a caller's lazy PIL image mutates it: one thread at a time
@@ -197,11 +197,14 @@ def discover(image_dir: str | os.PathLike, follow_links: bool = False) -> Datase
     walk.enter(str(root))
     split_dirs = _split_folders(root)
     if split_dirs:
-        others = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
-                        and p.name not in split_dirs)
+        others = sorted(
+            p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in split_dirs
+        )
         if others:
-            raise FlowerxError(f"{root} holds split folders ({', '.join(sorted(split_dirs))}) and other folders "
-                               f"({', '.join(others)}): put every class folder inside train/, val/ or test/")
+            raise FlowerxError(
+                f"{root} holds split folders ({', '.join(sorted(split_dirs))}) and other folders "
+                f"({', '.join(others)}): put every class folder inside train/, val/ or test/"
+            )
         classes, skipped = {}, []
         for name, folder in sorted(split_dirs.items()):
             if not walk.enter(str(folder)):
@@ -218,8 +221,11 @@ def discover(image_dir: str | os.PathLike, follow_links: bool = False) -> Datase
             f"need at least two class folders with images in {root}, found {len(labels)}"
             + (f" ({', '.join(labels)})" if labels else "")
         )
-    items = [ImageItem(path, relpath, index, split)
-             for index, label in enumerate(labels) for path, relpath, split in classes[label]]
+    items = [
+        ImageItem(path, relpath, index, split)
+        for index, label in enumerate(labels)
+        for path, relpath, split in classes[label]
+    ]
     return Dataset(root, labels, items, skipped, presplit=bool(split_dirs))
 
 
@@ -240,8 +246,10 @@ def split_of(relpath: str, validation_percentage: float, testing_percentage: flo
 
 def split_names(items: list[ImageItem], validation_percentage: float, testing_percentage: float) -> np.ndarray:
     """Each item's split: its folder's where the dataset came split, else the stable hash split."""
-    return np.array([item.split or split_of(item.relpath, validation_percentage, testing_percentage)
-                     for item in items], dtype=object)
+    return np.array(
+        [item.split or split_of(item.relpath, validation_percentage, testing_percentage) for item in items],
+        dtype=object,
+    )
 
 
 def open_image(source: ImageSource, min_size: int | None = None, max_bytes: int | None = None) -> Image.Image:
@@ -253,8 +261,12 @@ def open_image(source: ImageSource, min_size: int | None = None, max_bytes: int 
     in full and converted into a new image. Files must be regular
     files of at most max_bytes (default: max_image_bytes()).
     """
-    if isinstance(source, Image.Image) and source.format == "JPEG" and getattr(source, "tile", None) and \
-            getattr(source, "filename", ""):
+    if (
+        isinstance(source, Image.Image)
+        and source.format == "JPEG"
+        and getattr(source, "tile", None)
+        and getattr(source, "filename", "")
+    ):
         source = Path(source.filename)  # unloaded: decode its file as a path would be, leaving the object alone
     if isinstance(source, (str, os.PathLike)):
         source = Path(source).expanduser()
@@ -269,7 +281,9 @@ def open_image(source: ImageSource, min_size: int | None = None, max_bytes: int 
                 source.load()
             image = source
         elif isinstance(source, (bytes, bytearray, memoryview, Path)):
-            data = bytes(source) if not isinstance(source, Path) else read_regular(source, max_bytes or max_image_bytes())
+            data = (
+                bytes(source) if not isinstance(source, Path) else read_regular(source, max_bytes or max_image_bytes())
+            )
             if not data:
                 raise ImageError(name, "empty file")
             image = Image.open(io.BytesIO(data))
@@ -378,8 +392,10 @@ class Distortion:
     @property
     def id(self) -> str:
         """Identifies the settings in cache keys: other settings, other views."""
-        return (f"flip={int(self.flip_left_right)},crop={self.random_crop:g},scale={self.random_scale:g},"
-                f"brightness={self.random_brightness:g}")
+        return (
+            f"flip={int(self.flip_left_right)},crop={self.random_crop:g},scale={self.random_scale:g},"
+            f"brightness={self.random_brightness:g}"
+        )
 
     def largest_side(self, size: int) -> int:
         """The largest side a view is cut from (the JPEG decode needs no more)."""

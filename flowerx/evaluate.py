@@ -5,8 +5,8 @@ on a labelled folder (optionally only the training run's test split). No TensorF
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -34,8 +34,12 @@ class Evaluation:
 
 
 def evaluate(
-    predictor: Predictor, image_dir: str, split: str = "all", batch_size: int = 32,
-    on_progress: Callable[[int], None] = lambda n: None, follow_links: bool = False,
+    predictor: Predictor,
+    image_dir: str,
+    split: str = "all",
+    batch_size: int = 32,
+    on_progress: Callable[[int], None] = lambda n: None,
+    follow_links: bool = False,
 ) -> Evaluation:
     """Classify every image of image_dir (whose subfolder names must be the model's labels)."""
     if split not in SPLITS:
@@ -75,8 +79,13 @@ def evaluate(
         recall = np.nan_to_num(correct / confusion.sum(1))
     count = int(confusion.sum())
     return Evaluation(
-        labels=predictor.labels, split=split, count=count,
+        labels=predictor.labels,
+        split=split,
+        count=count,
         accuracy=float(correct.sum() / count) if count else 0.0,
-        precision=[round(float(p), 6) for p in precision], recall=[round(float(r), 6) for r in recall],
-        support=[int(s) for s in confusion.sum(1)], confusion=confusion.tolist(), failed=failed,
+        precision=[round(float(p), 6) for p in precision],
+        recall=[round(float(r), 6) for r in recall],
+        support=[int(s) for s in confusion.sum(1)],
+        confusion=confusion.tolist(),
+        failed=failed,
     )

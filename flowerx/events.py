@@ -6,8 +6,8 @@ models named); a program that embeds flowerx passes its own callbacks, or none.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 KINDS = ("info", "step", "warning", "detail")  # detail: shown with -v; step: the periodic training lines
 

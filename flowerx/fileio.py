@@ -11,8 +11,8 @@ import tarfile
 import tempfile
 import threading
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .errors import FlowerxError
 
@@ -22,8 +22,13 @@ class RefusedFile(OSError):
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+    for test, name in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
@@ -38,7 +43,9 @@ def read_regular(path: str | os.PathLike, limit: int | None = None) -> bytes:
         if not stat.S_ISREG(info.st_mode):
             raise RefusedFile(f"is {_kind(info.st_mode)}, not a regular file")
         if limit is not None and info.st_size > limit:
-            raise RefusedFile(f"file is too large ({info.st_size / 2**20:.0f} MiB; the limit is {limit / 2**20:.0f} MiB)")
+            raise RefusedFile(
+                f"file is too large ({info.st_size / 2**20:.0f} MiB; the limit is {limit / 2**20:.0f} MiB)"
+            )
         data = f.read() if limit is None else f.read(limit + 1)
     if limit is not None and len(data) > limit:  # grew while we read it
         raise RefusedFile(f"file is too large (over the limit of {limit / 2**20:.0f} MiB)")
@@ -111,8 +118,13 @@ def file_hash(path: str | os.PathLike, algorithm: str = "sha256") -> str:
     return digest.hexdigest()
 
 
-def download(url: str, dest: Path, expected_hash: str | None = None, timeout: float = 30.0,
-             on_progress: Callable[[int, int | None], None] | None = None) -> Path:
+def download(
+    url: str,
+    dest: Path,
+    expected_hash: str | None = None,
+    timeout: float = 30.0,
+    on_progress: Callable[[int, int | None], None] | None = None,
+) -> Path:
     """Download url over HTTPS to dest: into a temporary file beside it, check the hash where one is known
     (32 hex digits: md5 as Keras pins them; 64: sha256), and only then move it into place.
     on_progress(bytes so far, total bytes or None) is called as the bytes arrive."""
@@ -147,8 +159,9 @@ MAX_EXTRACT_RATIO = 50  # unpacked / packed size; the flower photos: 1.05 (JPEGs
 MAX_EXTRACT_MEMBERS = 1_000_000
 
 
-def extract_tar(archive: Path, dest: Path, inner: str = "", max_bytes: int = MAX_EXTRACT_BYTES,
-                max_ratio: float = MAX_EXTRACT_RATIO) -> Path:
+def extract_tar(
+    archive: Path, dest: Path, inner: str = "", max_bytes: int = MAX_EXTRACT_BYTES, max_ratio: float = MAX_EXTRACT_RATIO
+) -> Path:
     """Unpack a tar archive (its folder `inner`, if given) into dest, which must not exist, all or nothing:
     into a temporary folder first, refusing members that would land outside it (absolute paths, '..',
     devices, links out), links that point outside `inner` once unpacked, and archives that unpack to more
@@ -165,8 +178,10 @@ def extract_tar(archive: Path, dest: Path, inner: str = "", max_bytes: int = MAX
             for count, member in enumerate(tar, 1):
                 total += member.size if member.isfile() else 0
                 if total > budget or count > MAX_EXTRACT_MEMBERS:
-                    raise FlowerxError(f"{archive.name} unpacks to more than {budget / 2**20:.0f} MiB or "
-                                       f"{MAX_EXTRACT_MEMBERS} files: refused (an archive bomb?)")
+                    raise FlowerxError(
+                        f"{archive.name} unpacks to more than {budget / 2**20:.0f} MiB or "
+                        f"{MAX_EXTRACT_MEMBERS} files: refused (an archive bomb?)"
+                    )
                 try:
                     tar.extract(member, work, filter="data")  # rejects absolute paths, '..', devices, links out
                 except tarfile.FilterError as e:
@@ -180,8 +195,10 @@ def extract_tar(archive: Path, dest: Path, inner: str = "", max_bytes: int = MAX
                 link = os.path.join(folder, name)
                 target = os.path.realpath(link)
                 if os.path.islink(link) and target != inside and not target.startswith(inside + os.sep):
-                    raise FlowerxError(f"{archive.name}: link {os.path.relpath(link, work)} points outside "
-                                       f"{inner or 'the archive'}: refused")
+                    raise FlowerxError(
+                        f"{archive.name}: link {os.path.relpath(link, work)} points outside "
+                        f"{inner or 'the archive'}: refused"
+                    )
         os.replace(top, dest)
     except (tarfile.TarError, OSError, EOFError) as e:  # EOFError: a truncated archive
         raise FlowerxError(f"cannot unpack {archive.name}: {e or 'truncated archive'}") from None

@@ -22,10 +22,10 @@ import json
 import os
 import time
 from collections import deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -78,8 +78,13 @@ def _decode(item: ImageItem, size: int, distortion: Distortion | None, seed: int
 
 
 def _image_batches(
-    items: Sequence[ImageItem], order: np.ndarray, size: int, batch_size: int, distortion: Distortion | None,
-    seed: int, pool: ThreadPoolExecutor,
+    items: Sequence[ImageItem],
+    order: np.ndarray,
+    size: int,
+    batch_size: int,
+    distortion: Distortion | None,
+    seed: int,
+    pool: ThreadPoolExecutor,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(indices, uint8 images) per batch of order, decoded (and distorted) on all cores two batches ahead of
     the training step; PIL releases the GIL, so decoding overlaps TensorFlow's work."""
@@ -129,10 +134,24 @@ def _load(path: Path, key: str) -> tuple[dict, dict[str, list[np.ndarray]]] | No
 
 
 def fine_tune(
-    base, features_model, arch: Architecture, blocks: int, items: Sequence[ImageItem], labels: np.ndarray,
-    splits: dict[str, np.ndarray], kernel: np.ndarray, bias: np.ndarray, distortion: Distortion,
-    learning_rate: float, max_epochs: int, batch_size: int, seed: int, checkpoint: Path, events: Events,
-    summary_dir: Path | None = None, key_parts: dict | None = None,
+    base,
+    features_model,
+    arch: Architecture,
+    blocks: int,
+    items: Sequence[ImageItem],
+    labels: np.ndarray,
+    splits: dict[str, np.ndarray],
+    kernel: np.ndarray,
+    bias: np.ndarray,
+    distortion: Distortion,
+    learning_rate: float,
+    max_epochs: int,
+    batch_size: int,
+    seed: int,
+    checkpoint: Path,
+    events: Events,
+    summary_dir: Path | None = None,
+    key_parts: dict | None = None,
 ) -> FineTuneResult:
     """Train the top `blocks` blocks of base (shared by features_model: uint8 image -> pooled features) and
     the head on freshly distorted training images; returns the best epoch's head (base keeps its weights).
@@ -160,7 +179,8 @@ def fine_tune(
         with tf.GradientTape() as tape:
             logits = tf.matmul(features_model(x, training=False), w) + b
             targets = tf.one_hot(y, tf.shape(logits)[1]) * (1 - LABEL_SMOOTHING) + LABEL_SMOOTHING / tf.cast(
-                tf.shape(logits)[1], tf.float32)
+                tf.shape(logits)[1], tf.float32
+            )
             loss = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(targets, logits))
         optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
         for average, v in zip(ema, variables):
@@ -174,8 +194,9 @@ def fine_tune(
     pool = ThreadPoolExecutor(os.cpu_count() or 1)
 
     def predict(idx: np.ndarray) -> np.ndarray:
-        out = [logits_of(tf.constant(x)).numpy().argmax(1)
-               for _, x in _image_batches(items, idx, size, 64, None, 0, pool)]
+        out = [
+            logits_of(tf.constant(x)).numpy().argmax(1) for _, x in _image_batches(items, idx, size, 64, None, 0, pool)
+        ]
         return np.concatenate(out) if out else np.zeros(0, int)
 
     def snapshot(of: list = variables) -> list[np.ndarray]:
@@ -194,11 +215,22 @@ def fine_tune(
         finally:
             restore(current)
 
-    key = checkpoint_key({"architecture": arch.name, "blocks": blocks, "learning_rate": learning_rate,
-                          "max_epochs": max_epochs, "batch_size": batch_size, "seed": seed,
-                          "distortion": distortion.id, "label_smoothing": LABEL_SMOOTHING, "ema": EMA_DECAY,
-                          "splits": {k: len(v) for k, v in splits.items()}, **(key_parts or {})},
-                         [items[i] for i in np.concatenate([train, splits["validation"]])])
+    key = checkpoint_key(
+        {
+            "architecture": arch.name,
+            "blocks": blocks,
+            "learning_rate": learning_rate,
+            "max_epochs": max_epochs,
+            "batch_size": batch_size,
+            "seed": seed,
+            "distortion": distortion.id,
+            "label_smoothing": LABEL_SMOOTHING,
+            "ema": EMA_DECAY,
+            "splits": {k: len(v) for k, v in splits.items()},
+            **(key_parts or {}),
+        },
+        [items[i] for i in np.concatenate([train, splits["validation"]])],
+    )
     loaded = _load(checkpoint, key)
     if loaded:
         state, arrays = loaded
@@ -207,17 +239,32 @@ def fine_tune(
         for v, value in zip(optimizer.variables, arrays["optimizer"]):
             v.assign(value)
         best = arrays["best"]
-        events.info(f"Fine-tune: {'finished' if state['done'] else 'resuming'} after epoch {state['epoch']} "
-                    f"(checkpoint {checkpoint})")
+        events.info(
+            f"Fine-tune: {'finished' if state['done'] else 'resuming'} after epoch {state['epoch']} "
+            f"(checkpoint {checkpoint})"
+        )
     else:
         start = accuracy(splits["validation"])
-        state = {"version": CHECKPOINT_VERSION, "key": key, "epoch": 0, "best_epoch": 0, "best_accuracy": start,
-                 "start_accuracy": start, "history": [], "done": False}
+        state = {
+            "version": CHECKPOINT_VERSION,
+            "key": key,
+            "epoch": 0,
+            "best_epoch": 0,
+            "best_accuracy": start,
+            "start_accuracy": start,
+            "history": [],
+            "done": False,
+        }
         best = snapshot()
-        events.info(f"Fine-tune the top {blocks} block(s) on fresh views ({distortion.id}): validation "
-                    f"accuracy before {start * 100:5.1f}%")
-    writer = (tf.summary.create_file_writer(str(summary_dir / "fine_tune")) if summary_dir is not None
-              else tf.summary.create_noop_writer())
+        events.info(
+            f"Fine-tune the top {blocks} block(s) on fresh views ({distortion.id}): validation "
+            f"accuracy before {start * 100:5.1f}%"
+        )
+    writer = (
+        tf.summary.create_file_writer(str(summary_dir / "fine_tune"))
+        if summary_dir is not None
+        else tf.summary.create_noop_writer()
+    )
     rng_seed = _seed(seed, 7)
     try:
         while not state["done"] and state["epoch"] < max_epochs:
@@ -231,30 +278,54 @@ def fine_tune(
                 losses.append(float(loss))
                 correct += float(hits)
             val = accuracy(splits["validation"])
-            record = {"epoch": epoch, "loss": float(np.mean(losses)), "train_accuracy": correct / len(order),
-                      "validation_accuracy": val, "seconds": time.perf_counter() - t}
+            record = {
+                "epoch": epoch,
+                "loss": float(np.mean(losses)),
+                "train_accuracy": correct / len(order),
+                "validation_accuracy": val,
+                "seconds": time.perf_counter() - t,
+            }
             state["history"].append(record)
             with writer.as_default():
                 tf.summary.scalar("loss", record["loss"], step=epoch)
                 tf.summary.scalar("train_accuracy", record["train_accuracy"], step=epoch)
                 tf.summary.scalar("validation_accuracy", val, step=epoch)
-            events.step(f"Fine-tune epoch {epoch:>2}/{max_epochs}: train accuracy {record['train_accuracy'] * 100:5.1f}%  "
-                          f"loss {record['loss']:.4f}  validation accuracy {val * 100:5.1f}%  "
-                        f"({record['seconds']:.0f} s, {len(order) / record['seconds']:.0f} img/s)")
+            events.step(
+                f"Fine-tune epoch {epoch:>2}/{max_epochs}: train accuracy {record['train_accuracy'] * 100:5.1f}%  "
+                f"loss {record['loss']:.4f}  validation accuracy {val * 100:5.1f}%  "
+                f"({record['seconds']:.0f} s, {len(order) / record['seconds']:.0f} img/s)"
+            )
             if not np.isfinite(record["loss"]):
-                raise FlowerxError(f"fine-tuning diverged in epoch {epoch} (the loss is not finite): lower "
-                                   f"--fine-tune-learning-rate (it is {learning_rate:g}); no model written")
+                raise FlowerxError(
+                    f"fine-tuning diverged in epoch {epoch} (the loss is not finite): lower "
+                    f"--fine-tune-learning-rate (it is {learning_rate:g}); no model written"
+                )
             if val > state["best_accuracy"]:
                 state["best_epoch"], state["best_accuracy"], best = epoch, val, snapshot(ema)
             state["epoch"] = epoch
             state["done"] = epoch >= max_epochs or epoch - max(state["best_epoch"], max_epochs // 2) >= PATIENCE
-            _save(checkpoint, state, {"current": snapshot(), "ema": snapshot(ema), "best": best,
-                                      "optimizer": [v.numpy() for v in optimizer.variables]})
+            _save(
+                checkpoint,
+                state,
+                {
+                    "current": snapshot(),
+                    "ema": snapshot(ema),
+                    "best": best,
+                    "optimizer": [v.numpy() for v in optimizer.variables],
+                },
+            )
         restore(best)
         test = splits["test"]
         predictions = predict(test) if len(test) else np.zeros(0, int)
     finally:
         writer.flush()
         pool.shutdown(cancel_futures=True)
-    return FineTuneResult(w.numpy(), b.numpy(), float(state["best_accuracy"]), int(state["best_epoch"]),
-                          predictions, distortion.id, state["history"])
+    return FineTuneResult(
+        w.numpy(),
+        b.numpy(),
+        float(state["best_accuracy"]),
+        int(state["best_epoch"]),
+        predictions,
+        distortion.id,
+        state["history"],
+    )

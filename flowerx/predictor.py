@@ -10,9 +10,9 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -31,7 +31,7 @@ class Prediction(tuple):
     """One ranked label. Unpacks as (label, score), like the tuples of earlier flowerx; also has .label,
     .score, .index (the class's position in the model's labels) and to_dict() for JSON."""
 
-    def __new__(cls, label: str, score: float, index: int) -> "Prediction":
+    def __new__(cls, label: str, score: float, index: int) -> Prediction:
         self = super().__new__(cls, (label, score))
         self.index = index
         return self
@@ -99,8 +99,13 @@ def split_percentages(training: dict, name: str) -> tuple[float, float] | None:
     if "testing_percentage" not in training:
         return None
     values = training.get("validation_percentage"), training.get("testing_percentage")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v < 100
-               for v in values) or sum(values) >= 100:
+    if (
+        not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v < 100
+            for v in values
+        )
+        or sum(values) >= 100
+    ):
         raise FlowerxError(f"{name}: the 'training' metadata's split percentages are not valid ({values})")
     return float(values[0]), float(values[1])
 
@@ -127,8 +132,13 @@ class Predictor:
     """
 
     def __init__(
-        self, path: str | os.PathLike, providers: str = "auto", labels: Sequence[str] | None = None,
-        input_size: int | None = None, threads: int = 0, max_image_bytes: int | None = None,
+        self,
+        path: str | os.PathLike,
+        providers: str = "auto",
+        labels: Sequence[str] | None = None,
+        input_size: int | None = None,
+        threads: int = 0,
+        max_image_bytes: int | None = None,
     ):
         self.path = check_regular(Path(path).expanduser(), "model file")  # a FIFO or device would hang the load
         if providers not in ("auto", "cpu", "cuda"):
@@ -140,7 +150,9 @@ class Predictor:
         self.max_image_bytes = max_image_bytes
         available = ort.get_available_providers()
         if providers == "cuda" and "CUDAExecutionProvider" not in available:
-            raise FlowerxError("providers='cuda' needs onnxruntime-gpu in place of onnxruntime, and a GPU (README: On a GPU)")
+            raise FlowerxError(
+                "providers='cuda' needs onnxruntime-gpu in place of onnxruntime, and a GPU (README: On a GPU)"
+            )
         wanted = PROVIDERS["cuda"] if providers != "cpu" and "CUDAExecutionProvider" in available else PROVIDERS["cpu"]
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -158,8 +170,9 @@ class Predictor:
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self.labels, self.input_size = self._read_contract(labels, input_size)
         if self.metadata.get("resize", RESIZE_RULE) != RESIZE_RULE:
-            raise FlowerxError(f"{self.path.name} wants resize rule {self.metadata['resize']!r}; flowerx feeds "
-                               f"{RESIZE_RULE!r} only")
+            raise FlowerxError(
+                f"{self.path.name} wants resize rule {self.metadata['resize']!r}; flowerx feeds {RESIZE_RULE!r} only"
+            )
         self._input = self.session.get_inputs()[0].name
         self._output = self.session.get_outputs()[0].name
         self.probabilities_out = self._warm_up()
@@ -179,22 +192,30 @@ class Predictor:
             try:
                 input_size = int(self.metadata["input_size"])
             except ValueError:
-                raise FlowerxError(f"{name}: input_size metadata is not a whole number "
-                                   f"({self.metadata['input_size'][:40]!r})") from None
+                raise FlowerxError(
+                    f"{name}: input_size metadata is not a whole number ({self.metadata['input_size'][:40]!r})"
+                ) from None
         if labels is None or input_size is None:
             raise NoMetadataError(
                 f"{name} has no flowerx metadata (labels, input_size): pass labels and input_size "
                 "(--labels FILE --input-size S at the command line)"
             )
-        if isinstance(input_size, bool) or not isinstance(input_size, (int, np.integer)) or \
-                not 1 <= input_size <= MAX_INPUT_SIZE:
-            raise FlowerxError(f"{name}: the input size must be a whole number from 1 to {MAX_INPUT_SIZE}, "
-                               f"got {input_size!r}")
+        if (
+            isinstance(input_size, bool)
+            or not isinstance(input_size, (int, np.integer))
+            or not 1 <= input_size <= MAX_INPUT_SIZE
+        ):
+            raise FlowerxError(
+                f"{name}: the input size must be a whole number from 1 to {MAX_INPUT_SIZE}, got {input_size!r}"
+            )
         size = int(input_size)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         shape = inputs[0].shape
-        if len(inputs) != 1 or len(shape) != 4 or shape[3] != 3 or any(
-            isinstance(d, int) and d != size for d in shape[1:3]
+        if (
+            len(inputs) != 1
+            or len(shape) != 4
+            or shape[3] != 3
+            or any(isinstance(d, int) and d != size for d in shape[1:3])
         ):
             raise FlowerxError(f"{name}: input must be one [N, {size}, {size}, 3] tensor, got {shape}")
         if inputs[0].type != "tensor(uint8)":
@@ -210,8 +231,10 @@ class Predictor:
         """The model on a ready batch, its output checked: [N, classes], finite."""
         out = self.session.run([self._output], {self._input: np.ascontiguousarray(batch)})[0]
         if not isinstance(out, np.ndarray) or out.shape != (len(batch), len(self.labels)):
-            raise FlowerxError(f"{self.path.name}: the model returned shape {getattr(out, 'shape', '?')}, "
-                               f"not [{len(batch)}, {len(self.labels)}]")
+            raise FlowerxError(
+                f"{self.path.name}: the model returned shape {getattr(out, 'shape', '?')}, "
+                f"not [{len(batch)}, {len(self.labels)}]"
+            )
         if not np.isfinite(out).all():
             raise FlowerxError(f"{self.path.name}: the model returned scores that are not finite (NaN or inf)")
         return out
@@ -230,8 +253,10 @@ class Predictor:
 
     def __repr__(self) -> str:
         shown = ", ".join(map(repr, self.labels[:5])) + (", ..." if len(self.labels) > 5 else "")
-        return (f"Predictor({str(self.path)!r}, architecture={self.metadata.get('architecture', '?')!r}, "
-                f"labels=[{shown}] ({len(self.labels)}), input_size={self.input_size}, provider={self.provider!r})")
+        return (
+            f"Predictor({str(self.path)!r}, architecture={self.metadata.get('architecture', '?')!r}, "
+            f"labels=[{shown}] ({len(self.labels)}), input_size={self.input_size}, provider={self.provider!r})"
+        )
 
     def preprocess(self, image: ImageSource) -> np.ndarray:
         """One image -> uint8 [S, S, 3], exactly as the model was trained (raises ImageError)."""
@@ -245,8 +270,9 @@ class Predictor:
         if isinstance(images, np.ndarray):
             size = self.input_size
             if images.ndim != 4 or images.shape[1:] != (size, size, 3) or images.dtype != np.uint8:
-                raise FlowerxError(f"a ready batch must be uint8 [N, {size}, {size}, 3], got {images.dtype} "
-                                   f"{list(images.shape)}")
+                raise FlowerxError(
+                    f"a ready batch must be uint8 [N, {size}, {size}, 3], got {images.dtype} {list(images.shape)}"
+                )
             batch = images
         else:
             images = _as_list(images, "probabilities")
@@ -284,10 +310,15 @@ class Predictor:
 
 def _as_list(images: object, method: str) -> list:
     """A collection of images as a list; one image (or a folder's path) passed by mistake is a clear error."""
-    if isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike)) or images is None or \
-            type(images).__module__.startswith("PIL."):
-        raise FlowerxError(f"{method}() takes a list of images, not one {type(images).__name__}; for a folder, "
-                           "pass flowerx.data.list_images(folder)")
+    if (
+        isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike))
+        or images is None
+        or type(images).__module__.startswith("PIL.")
+    ):
+        raise FlowerxError(
+            f"{method}() takes a list of images, not one {type(images).__name__}; for a folder, "
+            "pass flowerx.data.list_images(folder)"
+        )
     if isinstance(images, np.ndarray):
         return list(images)
     try:

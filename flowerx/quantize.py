@@ -70,7 +70,13 @@ def strip_head(model):
 def quantize_features(features_model, calibration: np.ndarray) -> bytes:
     """Static QDQ int8 (per-channel weights, MinMax-calibrated uint8 activations) of a feature network."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     step = 8 if len(calibration) >= 8 else len(calibration)
@@ -88,12 +94,19 @@ def quantize_features(features_model, calibration: np.ndarray) -> bytes:
         onnx.save(features_model, float_path)
         with contextlib.redirect_stdout(io.StringIO()):  # the calibrator prints its progress
             quant_pre_process(float_path, pre_path, skip_symbolic_shape=True)  # folds BatchNorm, infers shapes
-            quantize_static(pre_path, out_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax,
-                            # fold each 2 batches into running ranges: the histogram calibrators (entropy, percentile)
-                            # keep every activation (10 GB for mobilenet_1.0_224 and 200 images)
-                            extra_options={"CalibMaxIntermediateOutputs": 2})
+            quantize_static(
+                pre_path,
+                out_path,
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+                # fold each 2 batches into running ranges: the histogram calibrators (entropy, percentile)
+                # keep every activation (10 GB for mobilenet_1.0_224 and 200 images)
+                extra_options={"CalibMaxIntermediateOutputs": 2},
+            )
         return Path(out_path).read_bytes()
 
 
@@ -125,8 +138,14 @@ def compute_features(model_bytes: bytes, items: list[ImageItem], size: int) -> t
 
 
 def export_int8(
-    float_graph: str | os.PathLike, image_dir: str, max_drop: float = 1.0, events: Events = QUIET,
-    steps: int = 4000, learning_rate: float = 0.01, seed: int = 0, follow_links: bool = False,
+    float_graph: str | os.PathLike,
+    image_dir: str,
+    max_drop: float = 1.0,
+    events: Events = QUIET,
+    steps: int = 4000,
+    learning_rate: float = 0.01,
+    seed: int = 0,
+    follow_links: bool = False,
 ) -> Int8Result:
     """Write <graph>.int8.onnx beside a flowerx float model, calibrated and re-fitted on image_dir's
     training split, if its test accuracy is within max_drop points of the float model's."""
@@ -155,7 +174,9 @@ def export_int8(
 
     model = onnx.load(str(float_graph))
     features_model = strip_head(model)
-    initializers = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name.startswith("head/")}
+    initializers = {
+        i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name.startswith("head/")
+    }
     rng = np.random.default_rng(seed)
     train_items = [items[i] for i in np.flatnonzero(names == "train")]
     calibration = []
@@ -175,24 +196,42 @@ def export_int8(
     if not len(splits["test"]):
         raise FlowerxError("no test images to compare the int8 model with")
     float_x, _ = compute_features(features_model.SerializeToString(), [items[i] for i in splits["test"]], size)
-    float_acc = accuracy_of(float_x, y[splits["test"]], np.arange(len(splits["test"])),
-                            initializers["head/kernel"], initializers["head/bias"])
+    float_acc = accuracy_of(
+        float_x,
+        y[splits["test"]],
+        np.arange(len(splits["test"])),
+        initializers["head/kernel"],
+        initializers["head/bias"],
+    )
     events.info("int8: re-fitting the head on the int8 network's features")
-    cfg = TrainConfig(image_dir=image_dir, how_many_training_steps=steps, learning_rate=learning_rate,
-                      eval_step_interval=steps, seed=seed)
+    cfg = TrainConfig(
+        image_dir=image_dir,
+        how_many_training_steps=steps,
+        learning_rate=learning_rate,
+        eval_step_interval=steps,
+        seed=seed,
+    )
     kernel, bias, _ = train_head(int8_x, y, splits, len(predictor.labels), cfg, QUIET, None)
     int8_acc = accuracy_of(int8_x, y, splits["test"], kernel, bias)
     drop = (float_acc - int8_acc) * 100
     path = int8_path(float_graph)
-    summary = (f"int8 test accuracy {int8_acc * 100:.1f}% vs float {float_acc * 100:.1f}% "
-               f"(N={len(splits['test'])}, drop {drop:.1f} points, limit {max_drop:.1f})")
+    summary = (
+        f"int8 test accuracy {int8_acc * 100:.1f}% vs float {float_acc * 100:.1f}% "
+        f"(N={len(splits['test'])}, drop {drop:.1f} points, limit {max_drop:.1f})"
+    )
     if not drop <= max_drop:  # NaN-safe: an accuracy that is not a number never passes
         return Int8Result(path, False, float_acc, int8_acc, len(splits["test"]), f"{summary}: int8 model not written")
 
     combined = append_head(onnx.load_from_string(quantized), kernel, bias)
     meta["quantization"] = "int8 static QDQ, per-channel weights, MinMax-calibrated activations, head re-fitted"
-    meta["training"] = json.dumps({**training, "test_accuracy": round(int8_acc, 6),
-                                   "float_test_accuracy": round(float_acc, 6), "test_count": int(len(splits["test"]))})
+    meta["training"] = json.dumps(
+        {
+            **training,
+            "test_accuracy": round(int8_acc, 6),
+            "float_test_accuracy": round(float_acc, 6),
+            "test_count": int(len(splits["test"])),
+        }
+    )
     set_metadata(combined, meta)
     data = combined.SerializeToString()
     _check_composition(data, quantized, kernel, bias, np.stack(calibration[:8]))

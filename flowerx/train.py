@@ -10,9 +10,9 @@ import datetime
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -38,20 +38,32 @@ class TrainConfig:
     """Every knob of a training run; the CLI flags map one to one (retrain.py's names, kebab case)."""
 
     # data
-    image_dir: str = _option("", "folder of class subfolders of images (their names are the labels), or of "
-                             "train/, val/ and test/ folders of class subfolders (that split is used)", "data",
-                             required=True)
+    image_dir: str = _option(
+        "",
+        "folder of class subfolders of images (their names are the labels), or of "
+        "train/, val/ and test/ folders of class subfolders (that split is used)",
+        "data",
+        required=True,
+    )
     testing_percentage: float = _option(10.0, "percentage of images held out for the final test", "data")
     validation_percentage: float = _option(10.0, "percentage of images used for validation", "data")
-    follow_links: bool = _option(False, "follow folder links that lead outside the image dir (each real folder "
-                                 "and file is still read once)", "data")
+    follow_links: bool = _option(
+        False,
+        "follow folder links that lead outside the image dir (each real folder and file is still read once)",
+        "data",
+    )
     # network
-    architecture: str = _option("mobilenet_1.0_224", "mobilenet_<1.0|0.75|0.50|0.25>_<224|192|160|128> or "
-                                "inception_v3", "network")
-    model_dir: str = _option(str(default_model_dir()), "pretrained-weights cache: the Keras weights file is looked "
-                             "for here, downloaded here if absent", "network")
-    bottleneck_dir: str = _option(".flowerx/bottlenecks", "cache of per-image bottleneck features, reused by later "
-                                  "runs", "network")
+    architecture: str = _option(
+        "mobilenet_1.0_224", "mobilenet_<1.0|0.75|0.50|0.25>_<224|192|160|128> or inception_v3", "network"
+    )
+    model_dir: str = _option(
+        str(default_model_dir()),
+        "pretrained-weights cache: the Keras weights file is looked for here, downloaded here if absent",
+        "network",
+    )
+    bottleneck_dir: str = _option(
+        ".flowerx/bottlenecks", "cache of per-image bottleneck features, reused by later runs", "network"
+    )
     bottleneck_batch_size: int = _option(32, "images per network call when computing bottlenecks", "network")
     # head
     how_many_training_steps: int = _option(4000, "training steps of the softmax layer", "head")
@@ -64,33 +76,59 @@ class TrainConfig:
     # distortions (retrain.py's flags; training images only)
     flip_left_right: bool = _option(False, "mirror training views at random", "distortions")
     random_crop: float = _option(0.0, "crop margin of training views, percent", "distortions")
-    random_scale: float = _option(0.0, "random up-scaling of training views before the crop, up to this "
-                                  "percent", "distortions")
-    random_brightness: float = _option(0.0, "multiply training views' brightness by 1 +- up to this percent",
-                                       "distortions")
-    distorted_views: int = _option(4, "distorted views cached per training image when a distortion is on",
-                                   "distortions")
+    random_scale: float = _option(
+        0.0, "random up-scaling of training views before the crop, up to this percent", "distortions"
+    )
+    random_brightness: float = _option(
+        0.0, "multiply training views' brightness by 1 +- up to this percent", "distortions"
+    )
+    distorted_views: int = _option(
+        4, "distorted views cached per training image when a distortion is on", "distortions"
+    )
     # fine-tuning
-    fine_tune_blocks: int = _option(0, "after the head, also train the network's top N blocks on fresh distorted "
-                                    "views (0: head only; MobileNet 1-13, 13 = all; Inception V3 1-10)",
-                                    "fine-tuning")
-    fine_tune_learning_rate: float = _option(0.0001, "Adam learning rate of fine-tuning (cosine-decayed over the "
-                                             "epochs)", "fine-tuning")
-    fine_tune_epochs: int = _option(12, "fine-tuning epochs at most (early stopping on validation accuracy, "
-                                    "patience 3 counted from half of them)", "fine-tuning")
+    fine_tune_blocks: int = _option(
+        0,
+        "after the head, also train the network's top N blocks on fresh distorted "
+        "views (0: head only; MobileNet 1-13, 13 = all; Inception V3 1-10)",
+        "fine-tuning",
+    )
+    fine_tune_learning_rate: float = _option(
+        0.0001, "Adam learning rate of fine-tuning (cosine-decayed over the epochs)", "fine-tuning"
+    )
+    fine_tune_epochs: int = _option(
+        12,
+        "fine-tuning epochs at most (early stopping on validation accuracy, patience 3 counted from half of them)",
+        "fine-tuning",
+    )
     # int8
-    quantize: str = _option("none", "also write <graph>.int8.onnx: static int8 (QDQ), head re-fitted to it",
-                            "int8", choices=("none", "int8"))
-    max_accuracy_drop: float = _option(1.0, "with --quantize int8: points of test accuracy the int8 model may "
-                                       "lose, else it is not written", "int8")
+    quantize: str = _option(
+        "none",
+        "also write <graph>.int8.onnx: static int8 (QDQ), head re-fitted to it",
+        "int8",
+        choices=("none", "int8"),
+    )
+    max_accuracy_drop: float = _option(
+        1.0, "with --quantize int8: points of test accuracy the int8 model may lose, else it is not written", "int8"
+    )
     # output
     output_graph: str = _option("model.onnx", "where to write the trained ONNX model", "output")
-    output_labels: str = _option("", "where to write the labels, one per line (default: <graph name>.labels.txt "
-                                 "beside the graph)", "output", derived=True)
-    summaries_dir: str = _option(".flowerx/summaries", "TensorBoard summaries (tensorboard --logdir DIR), one run "
-                                 "folder per run; empty to disable", "output")
-    experiment_name: str = _option("", "TensorBoard experiment: runs are kept under DIR/<name>/<date-time> "
-                                   "(default: the architecture)", "output", derived=True)
+    output_labels: str = _option(
+        "",
+        "where to write the labels, one per line (default: <graph name>.labels.txt beside the graph)",
+        "output",
+        derived=True,
+    )
+    summaries_dir: str = _option(
+        ".flowerx/summaries",
+        "TensorBoard summaries (tensorboard --logdir DIR), one run folder per run; empty to disable",
+        "output",
+    )
+    experiment_name: str = _option(
+        "",
+        "TensorBoard experiment: runs are kept under DIR/<name>/<date-time> (default: the architecture)",
+        "output",
+        derived=True,
+    )
     print_misclassified_test_images: bool = _option(False, "list the test images the model gets wrong", "output")
 
     def check(self) -> None:
@@ -120,7 +158,9 @@ class TrainConfig:
             if not 0 <= getattr(self, name) < 100:
                 raise FlowerxError(f"--{_flag(name)} must be a percentage in [0, 100)")
         if self.fine_tune_blocks < 0 or self.fine_tune_epochs < 1 or self.fine_tune_learning_rate <= 0:
-            raise FlowerxError("--fine-tune-blocks must be >= 0, --fine-tune-epochs and --fine-tune-learning-rate positive")
+            raise FlowerxError(
+                "--fine-tune-blocks must be >= 0, --fine-tune-epochs and --fine-tune-learning-rate positive"
+            )
         if self.distorted_views < 1:
             raise FlowerxError("--distorted-views must be at least 1")
         if self.quantize not in ("none", "int8"):
@@ -149,7 +189,9 @@ class TrainConfig:
     @property
     def labels_path(self) -> Path:
         graph = Path(self.output_graph).expanduser()
-        return Path(self.output_labels).expanduser() if self.output_labels else graph.with_name(f"{graph.stem}.labels.txt")
+        return (
+            Path(self.output_labels).expanduser() if self.output_labels else graph.with_name(f"{graph.stem}.labels.txt")
+        )
 
 
 def _flag(name: str) -> str:
@@ -158,10 +200,17 @@ def _flag(name: str) -> str:
 
 def check_experiment_name(name: str) -> None:
     """An experiment name is one folder name, never a path: it must not reach outside --summaries-dir."""
-    if name and (name in (".", "..") or "/" in name or "\\" in name or os.sep in name or Path(name).is_absolute()
-                 or any(ord(c) < 32 or ord(c) == 127 for c in name)):
-        raise FlowerxError(f"--experiment-name must be a plain name (no /, \\, '..' or control characters), "
-                           f"got {name!r}")
+    if name and (
+        name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or os.sep in name
+        or Path(name).is_absolute()
+        or any(ord(c) < 32 or ord(c) == 127 for c in name)
+    ):
+        raise FlowerxError(
+            f"--experiment-name must be a plain name (no /, \\, '..' or control characters), got {name!r}"
+        )
 
 
 def new_run_dir(parent: Path) -> Path:
@@ -255,8 +304,7 @@ class _Networks:
         return self._fn
 
 
-def _pass(events: Events, title: str, items, cache: BottleneckCache, make_model: Callable, batch_size: int,
-          view=None):
+def _pass(events: Events, title: str, items, cache: BottleneckCache, make_model: Callable, batch_size: int, view=None):
     """One bottleneck pass, reporting progress and warnings."""
     done = [0]
 
@@ -265,8 +313,9 @@ def _pass(events: Events, title: str, items, cache: BottleneckCache, make_model:
         events.progress(title, done[0], len(items), "img")
 
     events.progress(title, 0, len(items), "img")
-    return get_bottlenecks(items, cache, make_model, batch_size, on_progress=advance, view=view,
-                           on_warning=events.warning)
+    return get_bottlenecks(
+        items, cache, make_model, batch_size, on_progress=advance, view=view, on_warning=events.warning
+    )
 
 
 def _sample(indices: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -277,7 +326,9 @@ FINE_TUNE_BATCH = 32
 STEPS_PER_CALL = 100  # batches gathered per graph call: bounds memory, whatever the dataset's size
 
 
-def predict_logits(x: np.ndarray, idx: np.ndarray, kernel: np.ndarray, bias: np.ndarray, chunk: int = 65536) -> np.ndarray:
+def predict_logits(
+    x: np.ndarray, idx: np.ndarray, kernel: np.ndarray, bias: np.ndarray, chunk: int = 65536
+) -> np.ndarray:
     """Logits of the rows idx of x, a chunk at a time (x may be a memory-mapped file)."""
     parts = [x[idx[i : i + chunk]] @ kernel + bias for i in range(0, len(idx), chunk)]
     return np.concatenate(parts) if parts else np.zeros((0, kernel.shape[1]), np.float32)
@@ -288,8 +339,13 @@ def accuracy_of(x: np.ndarray, y: np.ndarray, idx: np.ndarray, kernel: np.ndarra
 
 
 def train_head(
-    x: np.ndarray, y: np.ndarray, splits: dict[str, np.ndarray], num_classes: int, cfg: TrainConfig,
-    events: Events, summary_dir: Path | None,
+    x: np.ndarray,
+    y: np.ndarray,
+    splits: dict[str, np.ndarray],
+    num_classes: int,
+    cfg: TrainConfig,
+    events: Events,
+    summary_dir: Path | None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Plain mini-batch SGD on a softmax layer (retrain.py's recipe; measured as good as Adam, L2,
     label smoothing or dropout on these features). Returns (kernel, bias, last validation accuracy).
@@ -334,8 +390,11 @@ def train_head(
             count = min(STEPS_PER_CALL, end - done)
             picks = rng.choice(train_idx, (count, batch))
             with train_writer.as_default():
-                loss, acc = run_steps(tf.constant(done, tf.int64), tf.constant(x[picks.ravel()].reshape(count, batch, -1)),
-                                      tf.constant(y[picks], tf.int64))
+                loss, acc = run_steps(
+                    tf.constant(done, tf.int64),
+                    tf.constant(x[picks.ravel()].reshape(count, batch, -1)),
+                    tf.constant(y[picks], tf.int64),
+                )
             done += count
         val_idx = _sample(splits["validation"], cfg.validation_batch_size, rng)
         val_acc = evaluate(val_idx)
@@ -346,37 +405,67 @@ def train_head(
             f"validation accuracy {val_acc * 100:5.1f}% (N={len(val_idx)})"
         )
         if not (np.isfinite(float(loss)) and np.isfinite(kernel.numpy()).all() and np.isfinite(bias.numpy()).all()):
-            raise FlowerxError(f"training diverged at step {done} (the loss or the weights are no longer finite): "
-                               f"lower --learning-rate (it is {cfg.learning_rate:g}); no model written")
+            raise FlowerxError(
+                f"training diverged at step {done} (the loss or the weights are no longer finite): "
+                f"lower --learning-rate (it is {cfg.learning_rate:g}); no model written"
+            )
     train_writer.flush()
     val_writer.flush()
     return kernel.numpy(), bias.numpy(), val_acc
 
 
-def _with_views(cfg: TrainConfig, events: Events, items: Sequence[ImageItem], features: np.ndarray,
-                labels: np.ndarray, splits: dict[str, np.ndarray], cache: BottleneckCache, make_model: Callable,
-                timings: dict[str, float]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+def _with_views(
+    cfg: TrainConfig,
+    events: Events,
+    items: Sequence[ImageItem],
+    features: np.ndarray,
+    labels: np.ndarray,
+    splits: dict[str, np.ndarray],
+    cache: BottleneckCache,
+    make_model: Callable,
+    timings: dict[str, float],
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """A training set grown by the distorted views of each training image (cached like the bottlenecks):
     returns (features, labels, splits) with the views' rows appended to the train split."""
     t = time.perf_counter()
     train = splits["train"]
     rows, ys, train_rows, computed = [features], [labels], [train], 0
     for k in range(1, cfg.distorted_views + 1):
-        view, ok, stats = _pass(events, f"Views {k}/{cfg.distorted_views}", [items[i] for i in train], cache,
-                                make_model, cfg.bottleneck_batch_size, view=(cfg.distortion, k))
+        view, ok, stats = _pass(
+            events,
+            f"Views {k}/{cfg.distorted_views}",
+            [items[i] for i in train],
+            cache,
+            make_model,
+            cfg.bottleneck_batch_size,
+            view=(cfg.distortion, k),
+        )
         train_rows.append(sum(map(len, rows)) + np.arange(ok.sum()))
         rows.append(view[ok])
         ys.append(labels[train][ok])
         computed += stats.computed
     timings["views_s"] = time.perf_counter() - t
-    events.info(f"Distorted views ({cfg.distortion.id}): {cfg.distorted_views} per training image, "
-                f"{computed} computed ({timings['views_s']:.1f} s)")
+    events.info(
+        f"Distorted views ({cfg.distortion.id}): {cfg.distorted_views} per training image, "
+        f"{computed} computed ({timings['views_s']:.1f} s)"
+    )
     return np.concatenate(rows), np.concatenate(ys), {**splits, "train": np.concatenate(train_rows)}
 
 
-def _fine_tune(cfg: TrainConfig, events: Events, arch: Architecture, items: Sequence[ImageItem], labels: np.ndarray,
-               splits: dict[str, np.ndarray], kernel: np.ndarray, bias: np.ndarray, networks: _Networks,
-               checkpoint: Path, summary_dir: Path | None, timings: dict[str, float]):
+def _fine_tune(
+    cfg: TrainConfig,
+    events: Events,
+    arch: Architecture,
+    items: Sequence[ImageItem],
+    labels: np.ndarray,
+    splits: dict[str, np.ndarray],
+    kernel: np.ndarray,
+    bias: np.ndarray,
+    networks: _Networks,
+    checkpoint: Path,
+    summary_dir: Path | None,
+    timings: dict[str, float],
+):
     """Fine-tune the top blocks on fresh views of the images; returns (FineTuneResult, the tuned feature
     network as ONNX)."""
     from exporters.onnx_export import keras_to_onnx
@@ -384,18 +473,45 @@ def _fine_tune(cfg: TrainConfig, events: Events, arch: Architecture, items: Sequ
     from .finetune import fine_tune
 
     t = time.perf_counter()
-    tuned = fine_tune(networks.base(), networks.keras(), arch, cfg.fine_tune_blocks, items, labels, splits, kernel,
-                      bias, cfg.distortion, cfg.fine_tune_learning_rate, cfg.fine_tune_epochs, FINE_TUNE_BATCH,
-                      cfg.seed, checkpoint, events, summary_dir,
-                      key_parts={"head": [cfg.how_many_training_steps, cfg.learning_rate, cfg.train_batch_size,
-                                          cfg.distortion.id, cfg.distorted_views]})
+    tuned = fine_tune(
+        networks.base(),
+        networks.keras(),
+        arch,
+        cfg.fine_tune_blocks,
+        items,
+        labels,
+        splits,
+        kernel,
+        bias,
+        cfg.distortion,
+        cfg.fine_tune_learning_rate,
+        cfg.fine_tune_epochs,
+        FINE_TUNE_BATCH,
+        cfg.seed,
+        checkpoint,
+        events,
+        summary_dir,
+        key_parts={
+            "head": [
+                cfg.how_many_training_steps,
+                cfg.learning_rate,
+                cfg.train_batch_size,
+                cfg.distortion.id,
+                cfg.distorted_views,
+            ]
+        },
+    )
     timings["fine_tune_s"] = time.perf_counter() - t
     if tuned.epochs:
-        events.info(f"Fine-tuned the top {cfg.fine_tune_blocks} block(s): kept epoch {tuned.epochs} (validation "
-                    f"accuracy {tuned.validation_accuracy * 100:.1f}%, {timings['fine_tune_s']:.1f} s)")
+        events.info(
+            f"Fine-tuned the top {cfg.fine_tune_blocks} block(s): kept epoch {tuned.epochs} (validation "
+            f"accuracy {tuned.validation_accuracy * 100:.1f}%, {timings['fine_tune_s']:.1f} s)"
+        )
     else:
-        events.info("Fine-tuning never beat the head alone on validation accuracy: kept the head alone "
-                    f"({timings['fine_tune_s']:.1f} s)")
+        events.info(
+            "Fine-tuning never beat the head alone on validation accuracy: kept the head alone "
+            f"({timings['fine_tune_s']:.1f} s)"
+        )
     return tuned, keras_to_onnx(networks.keras(), arch.input_size, output="features") if tuned.epochs else None
 
 
@@ -416,12 +532,14 @@ def run(cfg: TrainConfig, events: Events = QUIET) -> TrainResult:
     dataset = discover(cfg.image_dir, cfg.follow_links)
     for name, why in dataset.skipped_folders:
         events.warning(f"skipping folder {name}/: {why}")
-    weights = resolve_weights(arch, cfg.model_dir, lambda done, total: events.progress(
-        f"Downloading {arch.weights_file}", done, total, "B"))  # fail fast, before any long work
+    weights = resolve_weights(
+        arch, cfg.model_dir, lambda done, total: events.progress(f"Downloading {arch.weights_file}", done, total, "B")
+    )  # fail fast, before any long work
     cfg.check_paths(weights)
-    events.info(f"{arch.name}: {len(dataset.items)} images in {len(dataset.labels)} classes "
-                f"({', '.join(dataset.labels)})" + (" (split given by its train/val/test folders)"
-                                                     if dataset.presplit else ""))
+    events.info(
+        f"{arch.name}: {len(dataset.items)} images in {len(dataset.labels)} classes "
+        f"({', '.join(dataset.labels)})" + (" (split given by its train/val/test folders)" if dataset.presplit else "")
+    )
     events.detail(f"weights {weights}; bottleneck cache {cfg.bottleneck_dir}")
 
     # Bottlenecks: cached where possible, computed in batches otherwise.
@@ -429,7 +547,9 @@ def run(cfg: TrainConfig, events: Events = QUIET) -> TrainResult:
     cache = BottleneckCache(cfg.bottleneck_dir, arch, weights_id)
     networks = _Networks(arch, weights, cache.dir, dataset.items, events)
     t = time.perf_counter()
-    features, ok, stats = _pass(events, "Bottlenecks", dataset.items, cache, networks.batch_fn, cfg.bottleneck_batch_size)
+    features, ok, stats = _pass(
+        events, "Bottlenecks", dataset.items, cache, networks.batch_fn, cfg.bottleneck_batch_size
+    )
     timings["bottlenecks_s"] = time.perf_counter() - t
     events.info(
         f"Bottlenecks: {stats.cached} cached, {stats.computed} computed"
@@ -448,14 +568,17 @@ def run(cfg: TrainConfig, events: Events = QUIET) -> TrainResult:
         events.warning(f"no training images for: {', '.join(missing)}")
     for name, wanted in (("validation", cfg.validation_percentage), ("test", cfg.testing_percentage)):
         if len(splits[name]) < MIN_SPLIT and (wanted > 0 or dataset.presplit):
-            events.warning(f"only {len(splits[name])} {name} images: its accuracy means little "
-                           f"(one image moves it {100 / max(1, len(splits[name])):.0f} points)")
+            events.warning(
+                f"only {len(splits[name])} {name} images: its accuracy means little "
+                f"(one image moves it {100 / max(1, len(splits[name])):.0f} points)"
+            )
     if cfg.fine_tune_blocks and not len(splits["validation"]):
         raise FlowerxError("fine-tuning stops early on validation accuracy: it needs --validation-percentage > 0")
     head_x, head_y, head_splits = features, labels, splits
     if cfg.distortion.active:
-        head_x, head_y, head_splits = _with_views(cfg, events, dataset.items, features, labels, splits, cache,
-                                                  networks.batch_fn, timings)
+        head_x, head_y, head_splits = _with_views(
+            cfg, events, dataset.items, features, labels, splits, cache, networks.batch_fn, timings
+        )
 
     # The softmax layer, with TensorBoard summaries.
     summary_dir = None
@@ -473,16 +596,33 @@ def run(cfg: TrainConfig, events: Events = QUIET) -> TrainResult:
     fine_tune_info = None
     if cfg.fine_tune_blocks:
         checkpoint = cache.dir / f"fine-tune-{Path(cfg.output_graph).stem}.npz"
-        tuned, features_proto = _fine_tune(cfg, events, arch, dataset.items, labels, {**splits, "test": test_idx},
-                                           kernel, bias, networks, checkpoint, summary_dir, timings)
+        tuned, features_proto = _fine_tune(
+            cfg,
+            events,
+            arch,
+            dataset.items,
+            labels,
+            {**splits, "test": test_idx},
+            kernel,
+            bias,
+            networks,
+            checkpoint,
+            summary_dir,
+            timings,
+        )
         kernel, bias, val_acc, predicted = tuned.kernel, tuned.bias, tuned.validation_accuracy, tuned.test_predictions
-        fine_tune_info = {"blocks": cfg.fine_tune_blocks, "kept_epoch": tuned.epochs,
-                          "epochs_run": len(tuned.history), "learning_rate": cfg.fine_tune_learning_rate,
-                          "distortion": tuned.distortion}
+        fine_tune_info = {
+            "blocks": cfg.fine_tune_blocks,
+            "kept_epoch": tuned.epochs,
+            "epochs_run": len(tuned.history),
+            "learning_rate": cfg.fine_tune_learning_rate,
+            "distortion": tuned.distortion,
+        }
     test_acc = float((predicted == labels[test_idx]).mean()) if len(test_idx) else float("nan")
     misclassified = [
         (dataset.items[i].relpath, dataset.labels[p], dataset.labels[labels[i]])
-        for i, p in zip(test_idx, predicted) if p != labels[i]
+        for i, p in zip(test_idx, predicted)
+        if p != labels[i]
     ]
 
     # Export base + head as one ONNX file, checked against Keras on real validation images.
@@ -531,15 +671,32 @@ def run(cfg: TrainConfig, events: Events = QUIET) -> TrainResult:
         from .quantize import export_int8
 
         t = time.perf_counter()
-        int8 = export_int8(cfg.output_graph, cfg.image_dir, cfg.max_accuracy_drop, events,
-                           cfg.how_many_training_steps, cfg.learning_rate, cfg.seed, cfg.follow_links)
+        int8 = export_int8(
+            cfg.output_graph,
+            cfg.image_dir,
+            cfg.max_accuracy_drop,
+            events,
+            cfg.how_many_training_steps,
+            cfg.learning_rate,
+            cfg.seed,
+            cfg.follow_links,
+        )
         timings["int8_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
 
     return TrainResult(
-        architecture=arch.name, labels=dataset.labels, image_count=int(ok.sum()),
-        split_counts={k: int(len(v)) for k, v in splits.items()}, test_accuracy=test_acc,
-        test_count=int(len(test_idx)), validation_accuracy=val_acc, output_graph=str(cfg.output_graph),
-        output_labels=str(cfg.labels_path), bottlenecks=stats, parity_max_diff=diff, timings=timings,
-        misclassified=misclassified, int8=int8,
+        architecture=arch.name,
+        labels=dataset.labels,
+        image_count=int(ok.sum()),
+        split_counts={k: int(len(v)) for k, v in splits.items()},
+        test_accuracy=test_acc,
+        test_count=int(len(test_idx)),
+        validation_accuracy=val_acc,
+        output_graph=str(cfg.output_graph),
+        output_labels=str(cfg.labels_path),
+        bottlenecks=stats,
+        parity_max_diff=diff,
+        timings=timings,
+        misclassified=misclassified,
+        int8=int8,
     )

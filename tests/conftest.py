@@ -15,7 +15,12 @@ from PIL import Image
 
 SHARED_ENV = "FLOWERX_SHARED"
 DAISY = "flower_photos/daisy/21652746_cc379e0eea_m.jpg"
-NEEDED = ("flower_photos/LICENSE.txt", DAISY, "models/mobilenet_2_5_224_tf_no_top.h5", "models/mobilenet_1_0_224_tf_no_top.h5")
+NEEDED = (
+    "flower_photos/LICENSE.txt",
+    DAISY,
+    "models/mobilenet_2_5_224_tf_no_top.h5",
+    "models/mobilenet_1_0_224_tf_no_top.h5",
+)
 
 
 @pytest.fixture(scope="session")
@@ -60,21 +65,37 @@ def trained(shared: Path, tmp_path_factory) -> dict:
     """mobilenet_0.25_224 trained on all the flower photos with the real weights: cold run, then warm rerun."""
     work = tmp_path_factory.mktemp("trained")
     args = (
-        "train", "--image_dir", str(shared / "flower_photos"), "--architecture", "mobilenet_0.25_224",
-        "--model-dir", str(shared / "models"), "--bottleneck-dir", str(work / "bottlenecks"),
-        "--summaries-dir", str(work / "summaries"), "--output-graph", str(work / "out" / "model.onnx"),
+        "train",
+        "--image_dir",
+        str(shared / "flower_photos"),
+        "--architecture",
+        "mobilenet_0.25_224",
+        "--model-dir",
+        str(shared / "models"),
+        "--bottleneck-dir",
+        str(work / "bottlenecks"),
+        "--summaries-dir",
+        str(work / "summaries"),
+        "--output-graph",
+        str(work / "out" / "model.onnx"),
         "--print-misclassified-test-images",
     )
     cold = run_cli(*args)
     assert cold.returncode == 0, cold.stderr + cold.stdout
     warm = run_cli(*args)
     assert warm.returncode == 0, warm.stderr + warm.stdout
-    return {"dir": work, "model": work / "out" / "model.onnx", "labels": work / "out" / "model.labels.txt",
-            "cold": cold, "warm": warm}
+    return {
+        "dir": work,
+        "model": work / "out" / "model.onnx",
+        "labels": work / "out" / "model.labels.txt",
+        "cold": cold,
+        "warm": warm,
+    }
 
 
-def write_tiny_model(path: Path, labels=("red", "green", "blue"), size: int = 8, metadata: dict | None = None,
-                     input_shape=None) -> Path:
+def write_tiny_model(
+    path: Path, labels=("red", "green", "blue"), size: int = 8, metadata: dict | None = None, input_shape=None
+) -> Path:
     """A flowerx-contract ONNX model built by hand (no TensorFlow): the label is the dominant colour."""
     import json
 
@@ -97,8 +118,11 @@ def write_tiny_model(path: Path, labels=("red", "green", "blue"), size: int = 8,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
     model.ir_version = 8
-    meta = {"labels": json.dumps(list(labels)), "input_size": str(size), "resize": "bilinear",
-            "architecture": "tiny"} if metadata is None else metadata
+    meta = (
+        {"labels": json.dumps(list(labels)), "input_size": str(size), "resize": "bilinear", "architecture": "tiny"}
+        if metadata is None
+        else metadata
+    )
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=value)
     onnx.save(model, path)

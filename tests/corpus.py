@@ -21,6 +21,7 @@ def _noise(w: int = 64, h: int = 48, seed: int = 0) -> Image.Image:
 
 def _png_header_only(path: Path, width: int, height: int) -> None:
     """A PNG that declares a huge size (a decompression bomb) and holds no pixels."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 

@@ -14,10 +14,15 @@ def test_grid_has_16_mobilenets_and_inception():
     assert "inception_v3" in names and "mobilenet_0.50_224" in names
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("mobilenet_0.5_224", "mobilenet_0.50_224"), ("MobileNet_1_128", "mobilenet_1.0_128"),
-    ("mobilenet_0.25_160", "mobilenet_0.25_160"), ("inception_v3", "inception_v3"),
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("mobilenet_0.5_224", "mobilenet_0.50_224"),
+        ("MobileNet_1_128", "mobilenet_1.0_128"),
+        ("mobilenet_0.25_160", "mobilenet_0.25_160"),
+        ("inception_v3", "inception_v3"),
+    ],
+)
 def test_name_spellings(name, expected):
     assert A.get_architecture(name).name == expected
 

@@ -4,7 +4,6 @@ import json
 import re
 
 import pytest
-
 from conftest import run_cli
 
 pytest.importorskip("tensorflow")
@@ -12,9 +11,21 @@ pytest.importorskip("tensorflow")
 
 def test_bench_quick_json(tmp_path):
     out = tmp_path / "bench.json"
-    result = run_cli("bench", "--quick", "--json", str(out), "--csv", str(tmp_path / "bench.csv"),
-                     "--plot", str(tmp_path / "chart.png"), "--work-dir", str(tmp_path / "work"),
-                     "--model-dir", str(tmp_path / "no-weights"), timeout=300)
+    result = run_cli(
+        "bench",
+        "--quick",
+        "--json",
+        str(out),
+        "--csv",
+        str(tmp_path / "bench.csv"),
+        "--plot",
+        str(tmp_path / "chart.png"),
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--model-dir",
+        str(tmp_path / "no-weights"),
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"mobilenet_0.25_128 +flowerx +1 ", result.stdout) and "End to end" in result.stdout
     report = json.loads(out.read_text())
@@ -25,8 +36,18 @@ def test_bench_quick_json(tmp_path):
     assert rows["onnxruntime"]["status"] == "ok" and rows["tensorflow"]["status"] == "ok"
     for row in measured:
         assert row["weights"] == "random"  # no weights in that folder: random, BN calibrated
-        for key in ("median_ms", "p90_ms", "p99_ms", "throughput_ips", "file_mb", "params", "macs", "load_s",
-                    "peak_mb", "ratio"):
+        for key in (
+            "median_ms",
+            "p90_ms",
+            "p99_ms",
+            "throughput_ips",
+            "file_mb",
+            "params",
+            "macs",
+            "load_s",
+            "peak_mb",
+            "ratio",
+        ):
             assert row[key] > 0, (row["runtime"], key)
         assert row["median_ms"] <= row["p90_ms"] <= row["p99_ms"]
     assert rows["onnxruntime"]["ratio"] == 1.0

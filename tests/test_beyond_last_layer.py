@@ -4,24 +4,50 @@ import json
 import re
 
 import pytest
-
 from conftest import DAISY, run_cli, subset
+
 from flowerx import Predictor
 
 
 def train(shared, data, work, *extra):
-    return run_cli("train", "--image-dir", str(data), "--architecture", "mobilenet_0.25_224",
-                   "--model-dir", str(shared / "models"), "--bottleneck-dir", str(work / "bn"),
-                   "--summaries-dir", "", "--output-graph", str(work / "model.onnx"),
-                   "--how-many-training-steps", "200", "--testing-percentage", "20",
-                   "--validation-percentage", "20", *extra)
+    return run_cli(
+        "train",
+        "--image-dir",
+        str(data),
+        "--architecture",
+        "mobilenet_0.25_224",
+        "--model-dir",
+        str(shared / "models"),
+        "--bottleneck-dir",
+        str(work / "bn"),
+        "--summaries-dir",
+        "",
+        "--output-graph",
+        str(work / "model.onnx"),
+        "--how-many-training-steps",
+        "200",
+        "--testing-percentage",
+        "20",
+        "--validation-percentage",
+        "20",
+        *extra,
+    )
 
 
 @pytest.mark.slow
 def test_distorted_views_are_computed_once_and_reused(shared, tmp_path):
     data = subset(shared, tmp_path / "data", per_class=15)
-    options = ("--flip_left_right", "--random_crop", "10", "--random_scale", "10", "--random_brightness", "10",
-               "--distorted_views", "2")
+    options = (
+        "--flip_left_right",
+        "--random_crop",
+        "10",
+        "--random_scale",
+        "10",
+        "--random_brightness",
+        "10",
+        "--distorted_views",
+        "2",
+    )
     first = train(shared, data, tmp_path, *options)
     assert first.returncode == 0, first.stdout + first.stderr
     computed = int(re.search(r"Distorted views \(.*\): 2 per training image, (\d+) computed", first.stdout).group(1))
@@ -47,7 +73,10 @@ def test_fine_tuning_exports_the_tuned_network_with_the_same_contract(shared, tm
     assert kept or "kept the head alone" in result.stdout
     assert re.search(r"ONNX matches Keras to [\d.e-]+", result.stdout)  # the export's parity check passed
     tuned = Predictor(tmp_path / "model.onnx")
-    assert tuned.labels == ["daisy", "roses", "tulips"] and json.loads(tuned.metadata["training"])["fine_tune_blocks"] == 13
+    assert (
+        tuned.labels == ["daisy", "roses", "tulips"]
+        and json.loads(tuned.metadata["training"])["fine_tune_blocks"] == 13
+    )
     assert tuned.predict(shared / DAISY)[0][0] == "daisy"
     # Tuned for some epochs: the exported network differs from the frozen one. Zero epochs (fine-tuning never
     # beat the head on validation): the head-only model is kept, identical.
@@ -59,8 +88,10 @@ def test_fine_tuning_exports_the_tuned_network_with_the_same_contract(shared, tm
     again = train(shared, data, tmp_path, *options)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "Fine-tune: finished after epoch" in again.stdout and "Fine-tune epoch" not in again.stdout
-    assert Predictor(tmp_path / "model.onnx").probabilities([shared / DAISY]).tolist() == \
-        tuned.probabilities([shared / DAISY]).tolist()
+    assert (
+        Predictor(tmp_path / "model.onnx").probabilities([shared / DAISY]).tolist()
+        == tuned.probabilities([shared / DAISY]).tolist()
+    )
     bad = train(shared, data, tmp_path, "--fine-tune-blocks", "20")
     assert bad.returncode == 2 and "must be 1-13" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -73,11 +104,33 @@ def test_interrupted_fine_tuning_resumes_at_its_next_epoch(shared, tmp_path):
     import time
 
     data = subset(shared, tmp_path / "data", per_class=15)
-    args = ["train", "--image-dir", str(data), "--architecture", "mobilenet_0.25_224", "--model-dir",
-            str(shared / "models"), "--bottleneck-dir", str(tmp_path / "bn"), "--summaries-dir", "",
-            "--output-graph", str(tmp_path / "model.onnx"), "--how-many-training-steps", "200",
-            "--testing-percentage", "20", "--validation-percentage", "20", "--fine-tune-blocks", "2",
-            "--fine-tune-epochs", "6", "--fine-tune-learning-rate", "0.01"]
+    args = [
+        "train",
+        "--image-dir",
+        str(data),
+        "--architecture",
+        "mobilenet_0.25_224",
+        "--model-dir",
+        str(shared / "models"),
+        "--bottleneck-dir",
+        str(tmp_path / "bn"),
+        "--summaries-dir",
+        "",
+        "--output-graph",
+        str(tmp_path / "model.onnx"),
+        "--how-many-training-steps",
+        "200",
+        "--testing-percentage",
+        "20",
+        "--validation-percentage",
+        "20",
+        "--fine-tune-blocks",
+        "2",
+        "--fine-tune-epochs",
+        "6",
+        "--fine-tune-learning-rate",
+        "0.01",
+    ]
     log = (tmp_path / "first-run.log").open("w")  # a file, not a pipe nobody reads while it runs
     proc = subprocess.Popen([sys.executable, "-m", "flowerx", *args], stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
@@ -88,7 +141,7 @@ def test_interrupted_fine_tuning_resumes_at_its_next_epoch(shared, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait(60)
     assert not (tmp_path / "model.onnx").exists()
-    rerun = train(shared, data, tmp_path, *args[args.index("--fine-tune-blocks"):])
+    rerun = train(shared, data, tmp_path, *args[args.index("--fine-tune-blocks") :])
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     done = int(re.search(r"resuming after epoch (\d+)", rerun.stdout).group(1))
     first = re.search(r"Fine-tune epoch +(\d+)/6", rerun.stdout)

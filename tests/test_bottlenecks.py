@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
-
 from conftest import make_image
+
 from flowerx.architectures import Architecture
 from flowerx.bottlenecks import BottleneckCache, get_bottlenecks
 from flowerx.data import discover

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import run_cli, solid, write_tiny_model
+
 from flowerx.cli import _normalize_flags, build_parser
 
 
@@ -16,25 +16,38 @@ def one_line_error(result, code, pattern):
 
 
 def test_retrain_py_spellings_are_accepted():
-    args = build_parser().parse_args(_normalize_flags(
-        ["train", "--image_dir", "x", "--how_many_training_steps=500", "--print_misclassified_test_images"]))
+    args = build_parser().parse_args(
+        _normalize_flags(
+            ["train", "--image_dir", "x", "--how_many_training_steps=500", "--print_misclassified_test_images"]
+        )
+    )
     assert args.image_dir == "x" and args.how_many_training_steps == 500 and args.print_misclassified_test_images
 
 
 def test_train_help_documents_defaults():
     result = run_cli("train", "-h")
     assert result.returncode == 0
-    for flag in ("--image-dir", "--bottleneck-dir", "--how-many-training-steps", "--learning-rate",
-                 "--print-misclassified-test-images", "--validation-batch-size", "(default: 4000)"):
+    for flag in (
+        "--image-dir",
+        "--bottleneck-dir",
+        "--how-many-training-steps",
+        "--learning-rate",
+        "--print-misclassified-test-images",
+        "--validation-batch-size",
+        "(default: 4000)",
+    ):
         assert flag in result.stdout
 
 
-@pytest.mark.parametrize("args,pattern", [
-    (["--architecture", "mobilenet_0.6_224"], "unknown architecture"),
-    (["--testing-percentage", "60", "--validation-percentage", "40"], "must leave images to train on"),
-    (["--how-many-training-steps", "0"], "must be positive"),
-    (["--learning-rate", "-1"], "must be positive"),
-])
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        (["--architecture", "mobilenet_0.6_224"], "unknown architecture"),
+        (["--testing-percentage", "60", "--validation-percentage", "40"], "must leave images to train on"),
+        (["--how-many-training-steps", "0"], "must be positive"),
+        (["--learning-rate", "-1"], "must be positive"),
+    ],
+)
 def test_train_bad_arguments(tmp_path, args, pattern):
     for label in ("a", "b"):
         (tmp_path / label).mkdir()
@@ -52,8 +65,15 @@ def test_train_missing_weights_offline_names_present_ones(tmp_path):
         solid(tmp_path / label / "1.png", (1, 2, 3))
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "mobilenet_2_5_224_tf_no_top.h5").write_bytes(b"x")
-    result = run_cli("train", "--image-dir", str(tmp_path), "--architecture", "mobilenet_0.50_224",
-                     "--model-dir", str(tmp_path / "models"))
+    result = run_cli(
+        "train",
+        "--image-dir",
+        str(tmp_path),
+        "--architecture",
+        "mobilenet_0.50_224",
+        "--model-dir",
+        str(tmp_path / "models"),
+    )
     # No network here (or a real download, which is out of scope for tests): either way no traceback.
     if result.returncode != 0:
         one_line_error(result, 2, "weights present there: mobilenet_0.25_224")
@@ -63,8 +83,16 @@ def test_classify_reports_each_bad_file_and_classifies_the_rest(tmp_path):
     model = write_tiny_model(tmp_path / "m.onnx")
     good = solid(tmp_path / "red.png", (220, 10, 10))
     (tmp_path / "text.jpg").write_text("hello")
-    result = run_cli("classify", str(good), str(tmp_path / "text.jpg"), str(tmp_path / "missing.jpg"),
-                     "--graph", str(model), "--top-k", "1")
+    result = run_cli(
+        "classify",
+        str(good),
+        str(tmp_path / "text.jpg"),
+        str(tmp_path / "missing.jpg"),
+        "--graph",
+        str(model),
+        "--top-k",
+        "1",
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stdout.splitlines()[-1].startswith("red ")
     assert "text.jpg: not an image" in result.stderr and "missing.jpg: no such file" in result.stderr
@@ -81,11 +109,14 @@ def test_classify_json_and_folder(tmp_path):
     assert [r["predictions"][0]["label"] for r in report["results"]] == ["blue", "green"]
 
 
-@pytest.mark.parametrize("make,pattern", [
-    (lambda p: (p.write_text("nope"), p)[1], "not a valid ONNX model"),
-    (lambda p: write_tiny_model(p, metadata={}), "no flowerx metadata"),
-    (lambda p: p.parent / "absent.onnx", "no such model file"),
-])
+@pytest.mark.parametrize(
+    "make,pattern",
+    [
+        (lambda p: (p.write_text("nope"), p)[1], "not a valid ONNX model"),
+        (lambda p: write_tiny_model(p, metadata={}), "no flowerx metadata"),
+        (lambda p: p.parent / "absent.onnx", "no such model file"),
+    ],
+)
 def test_classify_bad_model(tmp_path, make, pattern):
     model = make(tmp_path / "m.onnx")
     one_line_error(run_cli("classify", str(solid(tmp_path / "x.png", (1, 1, 1))), "--graph", str(model)), 2, pattern)
@@ -94,6 +125,17 @@ def test_classify_bad_model(tmp_path, make, pattern):
 def test_model_without_metadata_works_with_labels_and_size(tmp_path):
     model = write_tiny_model(tmp_path / "m.onnx", metadata={})
     (tmp_path / "labels.txt").write_text("r\ng\nb\n")
-    result = run_cli("classify", "--image", str(solid(tmp_path / "x.png", (0, 250, 0))), "--graph", str(model),
-                     "--labels", str(tmp_path / "labels.txt"), "--input-size", "8", "--top-k", "1")
+    result = run_cli(
+        "classify",
+        "--image",
+        str(solid(tmp_path / "x.png", (0, 250, 0))),
+        "--graph",
+        str(model),
+        "--labels",
+        str(tmp_path / "labels.txt"),
+        "--input-size",
+        "8",
+        "--top-k",
+        "1",
+    )
     assert result.returncode == 0 and result.stdout.startswith("g 1.0"), result.stdout + result.stderr

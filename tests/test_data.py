@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
+from conftest import make_image
 from PIL import Image
 
-from conftest import make_image
 from flowerx.data import discover, open_image, prepare_image, split_of
 from flowerx.errors import FlowerxError, ImageError
 
@@ -35,6 +35,7 @@ def test_discover_labels_sorted_skips_empty_and_needs_two_classes(tmp_path):
     ds = discover(tmp_path)
     assert ds.labels == ["a", "b"] and ds.skipped_folders == [("empty", "no images in it")] and len(ds.items) == 2
     import shutil
+
     shutil.rmtree(tmp_path / "b")
     with pytest.raises(FlowerxError, match="at least two class folders"):
         discover(tmp_path)
@@ -42,7 +43,9 @@ def test_discover_labels_sorted_skips_empty_and_needs_two_classes(tmp_path):
         discover(tmp_path / "nope")
 
 
-@pytest.mark.parametrize("mode,fmt", [("L", "JPEG"), ("CMYK", "JPEG"), ("RGBA", "PNG"), ("P", "GIF"), ("RGB", "WEBP"), ("I;16", "PNG")])
+@pytest.mark.parametrize(
+    "mode,fmt", [("L", "JPEG"), ("CMYK", "JPEG"), ("RGBA", "PNG"), ("P", "GIF"), ("RGB", "WEBP"), ("I;16", "PNG")]
+)
 def test_every_mode_becomes_rgb(tmp_path, mode, fmt):
     path = tmp_path / f"img.{fmt.lower()}"
     if mode == "I;16":
@@ -70,9 +73,14 @@ def test_sources_path_bytes_pil_array_agree(tmp_path):
         np.testing.assert_array_equal(prepare_image(source, 16), want)
 
 
-@pytest.mark.parametrize("content,reason", [
-    (b"", "empty file"), (b"hello, I am text", "not an image"), ("truncated", "cannot decode"),
-])
+@pytest.mark.parametrize(
+    "content,reason",
+    [
+        (b"", "empty file"),
+        (b"hello, I am text", "not an image"),
+        ("truncated", "cannot decode"),
+    ],
+)
 def test_bad_files_raise_image_error(tmp_path, content, reason):
     path = tmp_path / "bad.jpg"
     if content == "truncated":

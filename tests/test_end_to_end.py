@@ -6,7 +6,6 @@ import re
 import numpy as np
 import onnxruntime as ort
 import pytest
-
 from conftest import DAISY, run_cli, subset
 
 
@@ -19,7 +18,9 @@ def final_accuracy(stdout: str) -> tuple[float, int]:
 def test_train_reaches_tutorial_accuracy(trained):
     accuracy, n = final_accuracy(trained["cold"].stdout)
     assert accuracy >= 82 and n > 250  # measured 88.4% for mobilenet_0.25_224
-    cached, computed = map(int, re.search(r"Bottlenecks: (\d+) cached, (\d+) computed", trained["cold"].stdout).groups())
+    cached, computed = map(
+        int, re.search(r"Bottlenecks: (\d+) cached, (\d+) computed", trained["cold"].stdout).groups()
+    )
     assert cached + computed == 3136 and computed >= 3130  # a cold run; byte-identical photos are computed once
     assert trained["labels"].read_text().split() == ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
     assert "=== MISCLASSIFIED TEST IMAGES ===" in trained["cold"].stdout
@@ -58,8 +59,16 @@ def test_classify_tutorial_daisy(trained, shared):
 
 
 def test_evaluate_agrees_with_training(trained, shared):
-    result = run_cli("evaluate", "--graph", str(trained["model"]), "--image-dir", str(shared / "flower_photos"),
-                     "--split", "test", "--json")
+    result = run_cli(
+        "evaluate",
+        "--graph",
+        str(trained["model"]),
+        "--image-dir",
+        str(shared / "flower_photos"),
+        "--split",
+        "test",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     accuracy, n = final_accuracy(trained["cold"].stdout)
@@ -72,14 +81,32 @@ def test_mobilenet_1_0_on_a_subset_with_bad_files(shared, tmp_path):
     data = subset(shared, tmp_path / "data", per_class=20)
     (data / "daisy" / "broken.jpg").write_text("not a jpeg")
     from PIL import Image
+
     Image.open(next((data / "roses").glob("*.jpg"))).convert("L").save(data / "roses" / "gray.jpg")
     Image.open(next((data / "tulips").glob("*.jpg"))).convert("CMYK").save(data / "tulips" / "cmyk.jpg")
     Image.open(next((data / "tulips").glob("*.jpg"))).convert("RGBA").save(data / "tulips" / "alpha.png")
     (data / "empty_class").mkdir()
-    result = run_cli("train", "--image-dir", str(data), "--architecture", "mobilenet_1.0_224",
-                     "--model-dir", str(shared / "models"), "--bottleneck-dir", str(tmp_path / "bn"),
-                     "--summaries-dir", "", "--output-graph", str(tmp_path / "m.onnx"),
-                     "--how-many-training-steps", "200", "--testing-percentage", "20", "--validation-percentage", "20")
+    result = run_cli(
+        "train",
+        "--image-dir",
+        str(data),
+        "--architecture",
+        "mobilenet_1.0_224",
+        "--model-dir",
+        str(shared / "models"),
+        "--bottleneck-dir",
+        str(tmp_path / "bn"),
+        "--summaries-dir",
+        "",
+        "--output-graph",
+        str(tmp_path / "m.onnx"),
+        "--how-many-training-steps",
+        "200",
+        "--testing-percentage",
+        "20",
+        "--validation-percentage",
+        "20",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "skipping daisy/broken.jpg: not an image" in result.stdout
     assert "skipping folder empty_class/" in result.stdout

@@ -5,8 +5,8 @@ import pytest
 
 pytest.importorskip("tf2onnx")
 
-from flowerx.backbone import keras  # noqa: E402  (imports TensorFlow quietly)
 from exporters.onnx_export import check_parity, export  # noqa: E402
+from flowerx.backbone import keras  # noqa: E402  (imports TensorFlow quietly)
 from flowerx.errors import FlowerxError  # noqa: E402
 
 

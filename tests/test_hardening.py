@@ -13,14 +13,14 @@ import subprocess
 import sys
 import tarfile
 import threading
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
+from conftest import make_image, run_cli, solid, subset, write_tiny_model
 from PIL import Image
 
-from conftest import make_image, run_cli, solid, subset, write_tiny_model
 from flowerx import FlowerxError, ImageError, Prediction, Predictor, fileio
 from flowerx.data import discover, list_images, prepare_image, split_names, split_of
 from flowerx.train import TrainConfig, new_run_dir
@@ -48,14 +48,23 @@ def two_classes(tmp_path) -> Path:
 
 # 1. --experiment-name is a name, never a path; earlier runs are kept -------------------------------------
 
+
 @pytest.mark.parametrize("name", ["VICTIM", "../VICTIM", "a/b", "..", "x\x1by"])
 def test_experiment_name_that_is_a_path_is_refused_and_deletes_nothing(tmp_path, two_classes, name):
     victim = tmp_path / "VICTIM"
     victim.mkdir()
     (victim / "precious.txt").write_text("keep me")
     name = str(victim) if name == "VICTIM" else name
-    result = run_cli("train", "--image-dir", str(two_classes), "--summaries-dir", str(tmp_path / "sum"),
-                     "--experiment-name", name, cwd=tmp_path)
+    result = run_cli(
+        "train",
+        "--image-dir",
+        str(two_classes),
+        "--summaries-dir",
+        str(tmp_path / "sum"),
+        "--experiment-name",
+        name,
+        cwd=tmp_path,
+    )
     one_line_error(result, 2, "--experiment-name must be a plain name")
     assert (victim / "precious.txt").read_text() == "keep me"
 
@@ -67,8 +76,16 @@ def test_each_run_gets_its_own_summary_folder(tmp_path):
 
 # 2. Non-finite numbers never make a model ------------------------------------------------------------------
 
-@pytest.mark.parametrize("flag,value", [("--learning-rate", "nan"), ("--learning-rate", "inf"),
-                                        ("--random-scale", "nan"), ("--max-accuracy-drop", "-inf")])
+
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--learning-rate", "nan"),
+        ("--learning-rate", "inf"),
+        ("--random-scale", "nan"),
+        ("--max-accuracy-drop", "-inf"),
+    ],
+)
 def test_non_finite_flags_are_refused_up_front(two_classes, flag, value):
     one_line_error(run_cli("train", "--image-dir", str(two_classes), f"{flag}={value}"), 2, "finite")
 
@@ -87,10 +104,27 @@ def test_a_diverging_learning_rate_keeps_the_old_model(shared, tmp_path):
     data = subset(shared, tmp_path / "data", per_class=6)
     graph = tmp_path / "model.onnx"
     graph.write_bytes(b"the good model")
-    result = run_cli("train", "--image-dir", str(data), "--architecture", "mobilenet_0.25_224", "--model-dir",
-                     str(shared / "models"), "--bottleneck-dir", str(tmp_path / "bn"), "--summaries-dir", "",
-                     "--output-graph", str(graph), "--learning-rate", "1e300", "--how-many-training-steps", "20",
-                     "--eval-step-interval", "10")
+    result = run_cli(
+        "train",
+        "--image-dir",
+        str(data),
+        "--architecture",
+        "mobilenet_0.25_224",
+        "--model-dir",
+        str(shared / "models"),
+        "--bottleneck-dir",
+        str(tmp_path / "bn"),
+        "--summaries-dir",
+        "",
+        "--output-graph",
+        str(graph),
+        "--learning-rate",
+        "1e300",
+        "--how-many-training-steps",
+        "20",
+        "--eval-step-interval",
+        "10",
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stdout + result.stderr
     assert "training diverged" in result.stderr and graph.read_bytes() == b"the good model"
 
@@ -108,20 +142,28 @@ def test_a_model_that_returns_nan_is_refused(tmp_path):
 
 # 3. Outputs that collide with each other or with inputs -----------------------------------------------------
 
+
 def test_output_graph_and_labels_the_same_file(tmp_path, two_classes):
     graph = tmp_path / "x.onnx"
-    result = run_cli("train", "--image-dir", str(two_classes), "--output-graph", str(graph),
-                     "--output-labels", str(graph))
+    result = run_cli(
+        "train", "--image-dir", str(two_classes), "--output-graph", str(graph), "--output-labels", str(graph)
+    )
     one_line_error(result, 2, "are the same file")
 
 
 def test_output_that_is_a_folder_or_under_a_file(tmp_path, two_classes):
     (tmp_path / "folder.onnx").mkdir()
     (tmp_path / "file").write_text("x")
-    one_line_error(run_cli("train", "--image-dir", str(two_classes), "--output-graph", str(tmp_path / "folder.onnx")),
-                   2, "is a folder")
-    one_line_error(run_cli("train", "--image-dir", str(two_classes), "--output-graph", str(tmp_path / "file" / "m.onnx")),
-                   2, "is a file, not a folder")
+    one_line_error(
+        run_cli("train", "--image-dir", str(two_classes), "--output-graph", str(tmp_path / "folder.onnx")),
+        2,
+        "is a folder",
+    )
+    one_line_error(
+        run_cli("train", "--image-dir", str(two_classes), "--output-graph", str(tmp_path / "file" / "m.onnx")),
+        2,
+        "is a file, not a folder",
+    )
 
 
 def test_evaluate_output_equal_to_the_model_is_refused(tmp_path, two_classes):
@@ -134,26 +176,34 @@ def test_evaluate_output_equal_to_the_model_is_refused(tmp_path, two_classes):
 
 # 4. Labels file named after the graph -------------------------------------------------------------------------
 
+
 def test_default_labels_file_is_named_after_the_graph():
     assert TrainConfig(output_graph="out/cats.onnx").labels_path == Path("out/cats.labels.txt")
-    assert TrainConfig(output_graph="out/dogs.onnx").labels_path != TrainConfig(output_graph="out/cats.onnx").labels_path
+    assert (
+        TrainConfig(output_graph="out/dogs.onnx").labels_path != TrainConfig(output_graph="out/cats.onnx").labels_path
+    )
     assert TrainConfig(output_graph="m.onnx", output_labels="l.txt").labels_path == Path("l.txt")
 
 
 # 5. Only regular files, with a size limit ---------------------------------------------------------------------
 
+
 def test_fifo_and_devices_are_refused_not_read(tmp_path):
     os.mkfifo(tmp_path / "pipe.jpg")
     os.symlink("/dev/zero", tmp_path / "zero.jpg")
     model = write_tiny_model(tmp_path / "m.onnx")
-    result = run_cli("classify", str(tmp_path / "pipe.jpg"), str(tmp_path / "zero.jpg"), "--graph", str(model),
-                     timeout=60)
+    result = run_cli(
+        "classify", str(tmp_path / "pipe.jpg"), str(tmp_path / "zero.jpg"), "--graph", str(model), timeout=60
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "pipe.jpg: is a FIFO, not a regular file" in result.stderr
     assert "zero.jpg: is a character device, not a regular file" in result.stderr
     os.mkfifo(tmp_path / "pipe.onnx")
-    one_line_error(run_cli("classify", str(model), "--graph", str(tmp_path / "pipe.onnx"), timeout=60), 2,
-                   "is a FIFO, not a regular file")
+    one_line_error(
+        run_cli("classify", str(model), "--graph", str(tmp_path / "pipe.onnx"), timeout=60),
+        2,
+        "is a FIFO, not a regular file",
+    )
 
 
 def test_training_pass_skips_a_fifo_with_its_reason(tmp_path):
@@ -186,6 +236,7 @@ def test_image_size_limit_is_configurable(tmp_path, monkeypatch):
 
 # 6. Link loops and links out of the image dir --------------------------------------------------------------
 
+
 def test_self_links_and_a_link_to_root_end_and_count_each_image_once(tmp_path):
     data = tmp_path / "data"
     for label in ("a", "b"):
@@ -198,7 +249,14 @@ def test_self_links_and_a_link_to_root_end_and_count_each_image_once(tmp_path):
     os.symlink(data / "b", data / "a" / "to-b")  # inside the image dir: followed, but b's files count once
     os.link(data / "a" / "0.png", data / "a" / "hardlink.png")
     dataset = discover(data)
-    assert sorted(i.relpath for i in dataset.items) == ["a/0.png", "a/1.png", "a/2.png", "b/0.png", "b/1.png", "b/2.png"]
+    assert sorted(i.relpath for i in dataset.items) == [
+        "a/0.png",
+        "a/1.png",
+        "a/2.png",
+        "b/0.png",
+        "b/1.png",
+        "b/2.png",
+    ]
     assert len(list_images(data / "a")) == 3  # to-b leads outside a: not followed unless asked
 
 
@@ -221,6 +279,7 @@ def test_links_outside_the_image_dir_only_when_asked(tmp_path):
 
 
 # 7. Archives: links out of the destination, bombs ---------------------------------------------------------------
+
 
 def test_archive_whose_folder_is_a_link_to_itself_is_refused(tmp_path):
     archive = tmp_path / "evil.tgz"
@@ -261,6 +320,7 @@ def test_archive_bomb_is_refused_before_it_is_written(tmp_path):
 
 # 8. Names and labels print as themselves, never as markup or terminal escapes --------------------------------
 
+
 def test_markup_and_escapes_in_names_and_labels_print_literally(tmp_path):
     labels = ("[red]daisy", "[link=https://example.com]roses[/]", f"{ESC}[31mblue")
     model = write_tiny_model(tmp_path / "m.onnx", labels=labels)
@@ -292,6 +352,7 @@ def test_evaluate_tables_print_labels_literally(tmp_path):
 
 # 9-10. Class names: control characters refused; names that are not UTF-8 -----------------------------------------
 
+
 def test_class_folder_with_a_newline_is_refused_by_name(tmp_path):
     for label in ("good", "bad\nname"):
         (tmp_path / label).mkdir()
@@ -315,7 +376,7 @@ def test_file_names_that_are_not_utf8_train_split_and_print(tmp_path):
     # A UTF-8 path hashes as before (splits of existing datasets do not move).
     import hashlib
 
-    old = (int(hashlib.sha1("daisy/1.jpg".encode()).hexdigest(), 16) % 2**27) * (100.0 / (2**27 - 1))
+    old = (int(hashlib.sha1(b"daisy/1.jpg").hexdigest(), 16) % 2**27) * (100.0 / (2**27 - 1))
     assert split_of("daisy/1.jpg", 10, 10) == ("validation" if old < 10 else "test" if old < 20 else "train")
     model = write_tiny_model(tmp_path / "m.onnx")
     result = run_cli("classify", str(data / "a"), "--graph", str(model), "--top-k", "1")
@@ -331,10 +392,14 @@ def test_file_names_that_are_not_utf8_train_split_and_print(tmp_path):
 
 # 11. One clean line where there was "unexpected" --------------------------------------------------------------
 
+
 def test_bad_input_sizes_and_output_ranks(tmp_path):
     for size in ("0", "-3", "x"):
-        model = write_tiny_model(tmp_path / f"s{size}.onnx", input_shape=["N", "H", "W", 3],
-                                 metadata={"labels": json.dumps(["r", "g", "b"]), "input_size": size})
+        model = write_tiny_model(
+            tmp_path / f"s{size}.onnx",
+            input_shape=["N", "H", "W", 3],
+            metadata={"labels": json.dumps(["r", "g", "b"]), "input_size": size},
+        )
         with pytest.raises(FlowerxError, match="input size|input_size"):
             Predictor(model)
     import onnx
@@ -350,20 +415,26 @@ def test_bad_input_sizes_and_output_ranks(tmp_path):
     one_line_error(run_cli("classify", str(image), "--graph", str(tmp_path / "rank3.onnx")), 2, "output must be one")
 
 
-@pytest.mark.parametrize("training", ['"a string"', '{"testing_percentage": "ten", "validation_percentage": 10}',
-                                      "{not json"])
+@pytest.mark.parametrize(
+    "training", ['"a string"', '{"testing_percentage": "ten", "validation_percentage": 10}', "{not json"]
+)
 def test_evaluate_split_with_malformed_training_metadata(tmp_path, two_classes, training):
-    model = write_tiny_model(tmp_path / "m.onnx", metadata={
-        "labels": json.dumps(["a", "x", "b"]), "input_size": "8", "training": training})
-    one_line_error(run_cli("evaluate", "--graph", str(model), "--image-dir", str(two_classes), "--split", "test"),
-                   2, "training")
+    model = write_tiny_model(
+        tmp_path / "m.onnx", metadata={"labels": json.dumps(["a", "x", "b"]), "input_size": "8", "training": training}
+    )
+    one_line_error(
+        run_cli("evaluate", "--graph", str(model), "--image-dir", str(two_classes), "--split", "test"), 2, "training"
+    )
 
 
 def test_seed_and_summaries_dir_checked_before_work(tmp_path, two_classes):
     one_line_error(run_cli("train", "--image-dir", str(two_classes), "--seed", "-1"), 2, "--seed must be")
     (tmp_path / "afile").write_text("x")
-    one_line_error(run_cli("train", "--image-dir", str(two_classes), "--summaries-dir", str(tmp_path / "afile")),
-                   2, "is a file, not a folder")
+    one_line_error(
+        run_cli("train", "--image-dir", str(two_classes), "--summaries-dir", str(tmp_path / "afile")),
+        2,
+        "is a file, not a folder",
+    )
 
 
 def test_probabilities_of_no_images_is_empty(tmp_path):
@@ -374,11 +445,22 @@ def test_probabilities_of_no_images_is_empty(tmp_path):
 
 # 12. Flags that work where they are suggested; nothing after -- is rewritten ---------------------------------
 
+
 def test_evaluate_takes_labels_and_input_size_for_a_bare_model(tmp_path, two_classes):
     model = write_tiny_model(tmp_path / "bare.onnx", metadata={})  # red, green, blue: a is red, b blue
     (tmp_path / "labels.txt").write_text("a\nx\nb\n")
-    result = run_cli("evaluate", "--graph", str(model), "--image-dir", str(two_classes), "--labels",
-                     str(tmp_path / "labels.txt"), "--input-size", "8", "--json")
+    result = run_cli(
+        "evaluate",
+        "--graph",
+        str(model),
+        "--image-dir",
+        str(two_classes),
+        "--labels",
+        str(tmp_path / "labels.txt"),
+        "--input-size",
+        "8",
+        "--json",
+    )
     assert result.returncode == 0 and json.loads(result.stdout)["accuracy"] == 1.0, result.stderr
     bench = run_cli("bench", "--graph", str(model), "--quick")
     one_line_error(bench, 2, "has no flowerx metadata")
@@ -389,10 +471,16 @@ def test_flag_rewrite_stops_at_double_dash():
     from flowerx.cli import _normalize_flags
 
     assert _normalize_flags(["classify", "--top_k", "1", "--", "--my_photo.jpg"]) == [
-        "classify", "--top-k", "1", "--", "--my_photo.jpg"]
+        "classify",
+        "--top-k",
+        "1",
+        "--",
+        "--my_photo.jpg",
+    ]
 
 
 # 13. The caller's PIL image is never changed, and may be shared by threads ----------------------------------
+
 
 def test_predict_leaves_the_callers_pil_image_alone(tmp_path):
     path = tmp_path / "big.jpg"
@@ -419,6 +507,7 @@ def test_predict_leaves_the_callers_pil_image_alone(tmp_path):
 
 # 14. The Python API says what it accepts ---------------------------------------------------------------------
 
+
 def test_api_arguments_are_checked(tmp_path, monkeypatch):
     p = Predictor(write_tiny_model(tmp_path / "m.onnx"))
     image = solid(tmp_path / "g.png", (0, 200, 0))
@@ -440,8 +529,15 @@ def test_api_arguments_are_checked(tmp_path, monkeypatch):
     assert Predictor("~/m.onnx").labels == ["red", "green", "blue"]
 
 
-@pytest.mark.parametrize("labels,pattern", [('"red"', "must be a list"), ('{"a": 1}', "must be a list"),
-                                            ("[1, 2, 3]", "non-empty strings"), ('["a", "a", "b"]', "duplicate")])
+@pytest.mark.parametrize(
+    "labels,pattern",
+    [
+        ('"red"', "must be a list"),
+        ('{"a": 1}', "must be a list"),
+        ("[1, 2, 3]", "non-empty strings"),
+        ('["a", "a", "b"]', "duplicate"),
+    ],
+)
 def test_bad_labels_metadata_is_refused_at_load(tmp_path, labels, pattern):
     model = write_tiny_model(tmp_path / "m.onnx", metadata={"labels": labels, "input_size": "8"})
     with pytest.raises(FlowerxError, match=pattern):
@@ -461,11 +557,14 @@ def test_outputs_that_are_not_probabilities_are_called_scores(tmp_path):
     assert not p.probabilities_out and Predictor(write_tiny_model(tmp_path / "m.onnx")).probabilities_out
     result = run_cli("classify", str(solid(tmp_path / "r.png", (250, 0, 0))), "--graph", str(path))
     assert result.returncode == 0 and "scores, not probabilities" in result.stderr
-    assert json.loads(run_cli("classify", str(tmp_path / "r.png"), "--graph", str(path), "--json").stdout)[
-        "output"] == "scores"
+    assert (
+        json.loads(run_cli("classify", str(tmp_path / "r.png"), "--graph", str(path), "--json").stdout)["output"]
+        == "scores"
+    )
 
 
 # 15. A result type, a useful repr, types for checkers ----------------------------------------------------------
+
 
 def test_prediction_unpacks_like_a_tuple_and_serialises(tmp_path):
     p = Predictor(write_tiny_model(tmp_path / "m.onnx"))
@@ -488,9 +587,12 @@ def test_package_is_typed_and_names_its_lazy_exports():
 
 # 16-17. A base install says which extra it needs; the extra installs everywhere ------------------------------
 
+
 def test_train_without_the_train_extra_says_what_to_install(two_classes):
-    code = ("import sys\nfor m in ('tensorflow', 'keras', 'tf2onnx', 'onnx'): sys.modules[m] = None\n"
-            "from flowerx.cli import main\nsys.exit(main(sys.argv[1:]))")
+    code = (
+        "import sys\nfor m in ('tensorflow', 'keras', 'tf2onnx', 'onnx'): sys.modules[m] = None\n"
+        "from flowerx.cli import main\nsys.exit(main(sys.argv[1:]))"
+    )
     for args in (["train", "--image-dir", str(two_classes)], ["export-int8", "--image-dir", str(two_classes)]):
         result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
         one_line_error(result, 2, 'pip install "flowerx[train]"')
@@ -502,8 +604,13 @@ def test_bench_skip_hint_keeps_its_brackets():
     from flowerx.bench import BenchReport, Row
     from flowerx.cli import bench_table
 
-    row = Row("mobilenet_0.25_128", "tensorflow", 1, "random",
-              status="skipped: tensorflow not installed (pip install 'flowerx[train]')")
+    row = Row(
+        "mobilenet_0.25_128",
+        "tensorflow",
+        1,
+        "random",
+        status="skipped: tensorflow not installed (pip install 'flowerx[train]')",
+    )
     table, notes = bench_table(BenchReport({"cpu": "cpu", "cores": 2}, [row], [], {"batch": 4}))
     console = Console(width=80, record=True, file=io.StringIO())
     console.print(table)
@@ -515,13 +622,18 @@ def test_train_extra_picks_the_tensorflow_package_that_exists_per_platform():
 
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["train"]
     tf = [Requirement(r) for r in extra if r.startswith("tensorflow")]
-    for system, machine, want in (("linux", "x86_64", "tensorflow-cpu"), ("win32", "AMD64", "tensorflow-cpu"),
-                                  ("darwin", "arm64", "tensorflow"), ("linux", "aarch64", "tensorflow")):
+    for system, machine, want in (
+        ("linux", "x86_64", "tensorflow-cpu"),
+        ("win32", "AMD64", "tensorflow-cpu"),
+        ("darwin", "arm64", "tensorflow"),
+        ("linux", "aarch64", "tensorflow"),
+    ):
         env = {"sys_platform": system, "platform_machine": machine}
         assert [r.name for r in tf if r.marker.evaluate(env)] == [want], (system, machine)
 
 
 # 18. Datasets already split into train/ val/ test/ -----------------------------------------------------------
+
 
 def test_a_presplit_dataset_uses_its_folders(tmp_path):
     data = tmp_path / "d"
@@ -534,7 +646,10 @@ def test_a_presplit_dataset_uses_its_folders(tmp_path):
     assert dataset.presplit and dataset.labels == ["cat", "dog"]
     names = split_names(dataset.items, 10, 10)
     assert {(i.relpath.split("/")[0], n) for i, n in zip(dataset.items, names)} == {
-        ("train", "train"), ("val", "validation"), ("test", "test")}
+        ("train", "train"),
+        ("val", "validation"),
+        ("test", "test"),
+    }
     (data / "stray").mkdir()
     make_image(data / "stray" / "1.png", fmt="PNG")
     with pytest.raises(FlowerxError, match="put every class folder inside"):
@@ -552,9 +667,24 @@ def test_presplit_training_quiet_with_small_split_warnings(shared, tmp_path):
             for f in chosen:
                 (data / split / label / f.name).write_bytes(f.read_bytes())
     graph = tmp_path / "out" / "flowers.onnx"
-    result = run_cli("train", "-q", "--image-dir", str(data), "--architecture", "mobilenet_0.25_224", "--model-dir",
-                     str(shared / "models"), "--bottleneck-dir", str(tmp_path / "bn"), "--summaries-dir", "",
-                     "--output-graph", str(graph), "--how-many-training-steps", "50")
+    result = run_cli(
+        "train",
+        "-q",
+        "--image-dir",
+        str(data),
+        "--architecture",
+        "mobilenet_0.25_224",
+        "--model-dir",
+        str(shared / "models"),
+        "--bottleneck-dir",
+        str(tmp_path / "bn"),
+        "--summaries-dir",
+        "",
+        "--output-graph",
+        str(graph),
+        "--how-many-training-steps",
+        "50",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Step" not in result.stdout and "Bottlenecks" not in result.stdout  # -q: no step lines, no bars
     assert "warning: only 4 validation images" in result.stdout and "warning: only 4 test images" in result.stdout
@@ -565,6 +695,7 @@ def test_presplit_training_quiet_with_small_split_warnings(shared, tmp_path):
 
 
 # 19. Help text -------------------------------------------------------------------------------------------------
+
 
 def test_help_describes_groups_and_shows_each_default_once():
     top = run_cli("-h").stdout
@@ -582,6 +713,7 @@ def test_help_describes_groups_and_shows_each_default_once():
 
 # 20. The bench table fits 80 and 120 columns --------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("width", [80, 120])
 def test_bench_table_fits_the_terminal(width):
     from rich.console import Console
@@ -589,11 +721,28 @@ def test_bench_table_fits_the_terminal(width):
     from flowerx.bench import BenchReport, Row
     from flowerx.cli import bench_table
 
-    rows = [Row(name, runtime, threads, "imagenet", median_ms=12.345, p90_ms=13.0, p99_ms=14.0, throughput_ips=456.0,
-                file_mb=16.9, params=3_200_000, macs=567_000_000, load_s=0.12, peak_mb=345.0, ratio=1.23,
-                accuracy=0.915)
-            for name in ("mobilenet_1.0_224", "model.onnx (mobilenet_1.0_224, fp32)")
-            for runtime in ("onnxruntime", "tensorflow", "litert") for threads in (1, 16)]
+    rows = [
+        Row(
+            name,
+            runtime,
+            threads,
+            "imagenet",
+            median_ms=12.345,
+            p90_ms=13.0,
+            p99_ms=14.0,
+            throughput_ips=456.0,
+            file_mb=16.9,
+            params=3_200_000,
+            macs=567_000_000,
+            load_s=0.12,
+            peak_mb=345.0,
+            ratio=1.23,
+            accuracy=0.915,
+        )
+        for name in ("mobilenet_1.0_224", "model.onnx (mobilenet_1.0_224, fp32)")
+        for runtime in ("onnxruntime", "tensorflow", "litert")
+        for threads in (1, 16)
+    ]
     report = BenchReport({"cpu": "Intel(R) Xeon(R) Platinum 8488C", "cores": 16}, rows, [], {"batch": 32})
     console = Console(width=width, record=True, file=io.StringIO())
     console.print(bench_table(report)[0])
@@ -605,6 +754,7 @@ def test_bench_table_fits_the_terminal(width):
 
 # 21. Progress where users wait -----------------------------------------------------------------------------------
 
+
 def test_downloads_report_bytes_and_total(tmp_path, monkeypatch):
     payload = b"x" * (3 << 20)
 
@@ -613,7 +763,9 @@ def test_downloads_report_bytes_and_total(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fileio.urllib.request, "urlopen", lambda url, timeout: Response(payload))
     seen = []
-    fileio.download("https://example.com/w.h5", tmp_path / "w.h5", on_progress=lambda done, total: seen.append((done, total)))
+    fileio.download(
+        "https://example.com/w.h5", tmp_path / "w.h5", on_progress=lambda done, total: seen.append((done, total))
+    )
     assert seen[-1] == (len(payload), len(payload)) and len(seen) == 3 and seen == sorted(seen)
 
 
@@ -639,6 +791,7 @@ def test_reporter_shows_preparing_then_counts_rates_from_there():
 
 # 22. Packaging ---------------------------------------------------------------------------------------------------
 
+
 def test_packaging_metadata_and_a_clean_root():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["license"] == "Apache-2.0" and "Apache License" in (ROOT / "LICENSE").read_text()
@@ -648,9 +801,18 @@ def test_packaging_metadata_and_a_clean_root():
 
 @pytest.mark.slow
 def test_the_sdist_carries_a_test_suite_that_collects(tmp_path):
-    build = subprocess.run([sys.executable, "-c", "import sys; from setuptools import build_meta as b; "
-                            "print(b.build_sdist(sys.argv[1]))", str(tmp_path / "dist")],
-                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from setuptools import build_meta as b; print(b.build_sdist(sys.argv[1]))",
+            str(tmp_path / "dist"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert build.returncode == 0, build.stderr[-2000:]
     sdist = tmp_path / "dist" / build.stdout.strip().splitlines()[-1]
     with tarfile.open(sdist) as tar:
@@ -658,12 +820,18 @@ def test_the_sdist_carries_a_test_suite_that_collects(tmp_path):
     (top,) = (tmp_path / "x").iterdir()
     for name in ("tests/conftest.py", "tests/corpus.py", "tests/README.md", "LICENSE", "flowerx/py.typed"):
         assert (top / name).is_file(), name
-    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                                "tests"], cwd=top, capture_output=True, text=True, timeout=300,
-                               env={k: v for k, v in os.environ.items() if k != "FLOWERX_SHARED"})
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"],
+        cwd=top,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "FLOWERX_SHARED"},
+    )
     assert collected.returncode == 0 and re.search(r"\d+ tests collected", collected.stdout), collected.stdout[-2000:]
 
 
 def test_bench_outputs_that_collide_are_refused_before_timing(tmp_path):
-    one_line_error(run_cli("bench", "--quick", "--json", str(tmp_path / "r"), "--csv", str(tmp_path / "r")), 2,
-                   "are the same file")
+    one_line_error(
+        run_cli("bench", "--quick", "--json", str(tmp_path / "r"), "--csv", str(tmp_path / "r")), 2, "are the same file"
+    )

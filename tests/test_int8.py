@@ -5,8 +5,8 @@ import re
 
 import numpy as np
 import pytest
-
 from conftest import DAISY, run_cli, subset
+
 from flowerx import Predictor
 
 
@@ -14,10 +14,29 @@ from flowerx import Predictor
 def test_quantize_int8_writes_a_faithful_smaller_model_or_refuses(shared, tmp_path):
     data = subset(shared, tmp_path / "data", per_class=25)
     graph = tmp_path / "out" / "model.onnx"
-    result = run_cli("train", "--image-dir", str(data), "--architecture", "mobilenet_0.25_224",
-                     "--model-dir", str(shared / "models"), "--bottleneck-dir", str(tmp_path / "bn"),
-                     "--summaries-dir", "", "--output-graph", str(graph), "--how-many-training-steps", "300",
-                     "--testing-percentage", "30", "--quantize", "int8", "--max-accuracy-drop", "100")
+    result = run_cli(
+        "train",
+        "--image-dir",
+        str(data),
+        "--architecture",
+        "mobilenet_0.25_224",
+        "--model-dir",
+        str(shared / "models"),
+        "--bottleneck-dir",
+        str(tmp_path / "bn"),
+        "--summaries-dir",
+        "",
+        "--output-graph",
+        str(graph),
+        "--how-many-training-steps",
+        "300",
+        "--testing-percentage",
+        "30",
+        "--quantize",
+        "int8",
+        "--max-accuracy-drop",
+        "100",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"int8 test accuracy [\d.]+% vs float [\d.]+% \(N=\d+, drop -?[\d.]+ points", result.stdout)
     int8 = graph.with_name("model.int8.onnx")

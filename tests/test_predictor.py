@@ -2,9 +2,9 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import solid, write_tiny_model
 from PIL import Image
 
-from conftest import solid, write_tiny_model
 from flowerx import FlowerxError, ImageError, Predictor
 
 
@@ -65,7 +65,10 @@ def test_bad_models(tmp_path):
     bare = write_tiny_model(tmp_path / "bare.onnx", metadata={})
     with pytest.raises(FlowerxError, match="no flowerx metadata"):
         Predictor(bare)
-    assert Predictor(bare, labels=["r", "g", "b"], input_size=8).predict(solid(tmp_path / "r.png", (255, 0, 0)))[0][0] == "r"
+    assert (
+        Predictor(bare, labels=["r", "g", "b"], input_size=8).predict(solid(tmp_path / "r.png", (255, 0, 0)))[0][0]
+        == "r"
+    )
     wrong = write_tiny_model(tmp_path / "wrong.onnx", metadata={"labels": '["a", "b"]', "input_size": "8"})
     with pytest.raises(FlowerxError, match="3 outputs but 2 labels"):
         Predictor(wrong)
@@ -85,8 +88,9 @@ def test_ready_batches_are_checked_and_single_arrays_are_one_image(model, tmp_pa
         p.probabilities(np.zeros((2, 8, 8, 3), np.float32))
     with pytest.raises(FlowerxError, match=r"uint8 \[N, 8, 8, 3\]"):
         p.probabilities(np.zeros((2, 9, 9, 3), np.uint8))
-    nearest = write_tiny_model(tmp_path / "nearest.onnx", metadata={
-        "labels": '["r", "g", "b"]', "input_size": "8", "resize": "nearest"})
+    nearest = write_tiny_model(
+        tmp_path / "nearest.onnx", metadata={"labels": '["r", "g", "b"]', "input_size": "8", "resize": "nearest"}
+    )
     with pytest.raises(FlowerxError, match="resize rule 'nearest'"):
         Predictor(nearest)
 

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import run_cli, solid, subset, write_tiny_model
 from corpus import make_corpus
-from flowerx import FlowerxError, ImageError, Predictor
-from flowerx import fileio
+from PIL import Image
+
+from flowerx import FlowerxError, ImageError, Predictor, fileio
 from flowerx.architectures import Architecture
 from flowerx.bottlenecks import BottleneckCache, get_bottlenecks
 from flowerx.data import discover, open_image, prepare_image
@@ -30,6 +29,7 @@ ROOT = os.geteuid() == 0
 
 
 # --- Bad inputs -------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> tuple[Path, dict[str, str]]:
@@ -55,8 +55,9 @@ def test_exif_rotation_is_upright_for_training_and_inference(corpus):
     assert open_image(folder / "exif-rotated.jpg").size == (20, 40)  # stored 40x20, shown 20x40
     # Training and the Predictor decode through the same function: same pixels for the same bytes.
     model = write_tiny_model(folder.parent / "tiny.onnx")
-    np.testing.assert_array_equal(Predictor(model).preprocess(folder / "exif-rotated.jpg"),
-                                  prepare_image(folder / "exif-rotated.jpg", 8))
+    np.testing.assert_array_equal(
+        Predictor(model).preprocess(folder / "exif-rotated.jpg"), prepare_image(folder / "exif-rotated.jpg", 8)
+    )
 
 
 def test_unreadable_file(tmp_path, monkeypatch):
@@ -118,8 +119,9 @@ def test_training_pass_skips_bad_files_with_one_warning_each(corpus, tmp_path):
     solid(data / "plain" / "a.png", (1, 2, 3))
     dataset = discover(data)
     warnings: list[str] = []
-    _, ok, stats = get_bottlenecks(dataset.items, BottleneckCache(tmp_path / "cache", FAKE), fake_net,
-                                   on_warning=warnings.append)
+    _, ok, stats = get_bottlenecks(
+        dataset.items, BottleneckCache(tmp_path / "cache", FAKE), fake_net, on_warning=warnings.append
+    )
     failed = {Path(relpath).name for relpath, _ in stats.failed}
     assert failed == {name for name, outcome in expected.items() if outcome != "ok"}
     assert len(warnings) == len(failed) and ok.sum() == len(dataset.items) - len(failed)
@@ -140,6 +142,7 @@ def test_single_image_class_and_one_class(tmp_path):
 
 # --- Faults -----------------------------------------------------------------------------------------
 
+
 def _kill_when(proc: subprocess.Popen, ready, sig: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
@@ -154,19 +157,39 @@ def _entries(root: Path) -> list[Path]:
 
 
 def _train_args(shared: Path, data: Path, work: Path, steps: str = "20") -> list[str]:
-    return ["train", "--image-dir", str(data), "--architecture", "mobilenet_0.25_224", "--model-dir",
-            str(shared / "models"), "--bottleneck-dir", str(work / "bn"), "--summaries-dir", "",
-            "--output-graph", str(work / "model.onnx"), "--how-many-training-steps", steps,
-            "--bottleneck-batch-size", "8"]
+    return [
+        "train",
+        "--image-dir",
+        str(data),
+        "--architecture",
+        "mobilenet_0.25_224",
+        "--model-dir",
+        str(shared / "models"),
+        "--bottleneck-dir",
+        str(work / "bn"),
+        "--summaries-dir",
+        "",
+        "--output-graph",
+        str(work / "model.onnx"),
+        "--how-many-training-steps",
+        steps,
+        "--bottleneck-batch-size",
+        "8",
+    ]
 
 
 def _popen(args: list[str]) -> subprocess.Popen:
     """flowerx as a foreground process: SIGINT at its default even when the suite itself runs in the
     background (a shell starts background jobs with SIGINT ignored, and Python then never raises
     KeyboardInterrupt, so the Ctrl-C case would test nothing)."""
-    return subprocess.Popen([sys.executable, "-m", "flowerx", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, COLUMNS="200"),
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        [sys.executable, "-m", "flowerx", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, COLUMNS="200"),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 @pytest.mark.slow
@@ -311,11 +334,14 @@ def test_cli_train_out_of_space_and_read_only(shared, tiny_fs, tmp_path):
     out = [str(tiny_fs / "model.onnx") if a == str(tmp_path / "model.onnx") else a for a in args]
     read_only = run_cli(*out)
     assert read_only.returncode == 2 and "Traceback" not in read_only.stderr
-    assert re.fullmatch(r"error: cannot write .*model.onnx: Read-only file system\n", read_only.stderr), read_only.stderr
+    assert re.fullmatch(r"error: cannot write .*model.onnx: Read-only file system\n", read_only.stderr), (
+        read_only.stderr
+    )
     assert not [p for p in tiny_fs.rglob("*") if p.is_file()]  # nothing half-written left behind
 
 
 # --- Load and concurrency ---------------------------------------------------------------------------
+
 
 def test_one_predictor_eight_threads_2000_predictions(tmp_path):
     predictor = Predictor(write_tiny_model(tmp_path / "m.onnx"))
@@ -361,6 +387,7 @@ def test_soak_20000_predictions_memory_stops_growing(tmp_path):
 
 
 # --- Security ---------------------------------------------------------------------------------------
+
 
 def _tar(path: Path, members: dict[str, bytes]) -> Path:
     import io

@@ -22,6 +22,10 @@ def test_classify_and_evaluate_import_no_training_stack(tmp_path):
     for label, colour in (("red", (250, 0, 0)), ("green", (0, 250, 0))):
         (tmp_path / "set" / label).mkdir(parents=True)
         solid(tmp_path / "set" / label / "1.png", colour)
-    result = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / "set" / "red" / "1.png"), str(model),
-                             str(tmp_path / "set")], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, str(tmp_path / "set" / "red" / "1.png"), str(model), str(tmp_path / "set")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "HEAVY [] CODE 0" in result.stdout, result.stdout + result.stderr
