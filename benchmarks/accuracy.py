@@ -34,42 +34,39 @@ ARCHITECTURES = ("mobilenet_0.25_224", "mobilenet_1.0_224")
 
 def train(arch: str, extra: list[str], shared: Path, work: Path, name: str) -> dict:
     out = work / arch / re.sub(r"\W+", "_", name)
-    wall, peak_mb, text = run_flowerx_train(
-        [
-            "--image-dir",
-            str(shared / "flower_photos"),
-            "--architecture",
-            arch,
-            "--model-dir",
-            str(shared / "models"),
-            "--bottleneck-dir",
-            str(work / "bottlenecks"),
-            "--summaries-dir",
-            "",
-            "--output-graph",
-            str(out / "model.onnx"),
-            *extra,
-        ]
-    )
+    args = [
+        "--image-dir",
+        str(shared / "flower_photos"),
+        "--architecture",
+        arch,
+        "--model-dir",
+        str(shared / "models"),
+        "--bottleneck-dir",
+        str(work / "bottlenecks"),
+        "--summaries-dir",
+        "",
+        "--output-graph",
+        str(out / "model.onnx"),
+        *extra,
+    ]
+    wall, peak_mb, result = run_flowerx_train(args, out / "result.json")
     row = {
         "architecture": arch,
         "row": name,
         "flags": extra,
         "wall_s": round(wall, 1),
         "peak_mb": int(peak_mb),
-        "test_accuracy": float(re.search(r"Final test accuracy = ([\d.]+)%", text).group(1)),
-        "validation_accuracy": float(re.findall(r"validation accuracy +([\d.]+)%", text)[-1]),
+        "test_accuracy": round(result["test_accuracy"] * 100, 1),
+        "validation_accuracy": round(result["validation_accuracy"] * 100, 1),
     }
-    kept = re.search(r"kept epoch (\d+) \(validation accuracy ([\d.]+)%", text)
-    row["reused_fine_tune_checkpoint"] = "Fine-tune: finished after epoch" in text  # time excludes fine-tuning
-    if "--fine-tune-blocks" in extra:
-        row["kept_epoch"] = int(kept.group(1)) if kept else 0
-        row["epochs_run"] = len(re.findall(r"Fine-tune epoch", text))
-        if kept:
-            row["validation_accuracy"] = float(kept.group(2))
-    int8 = re.search(r"int8 test accuracy ([\d.]+)% vs float ([\d.]+)%.*?(not written)?$", text, re.M)
-    if int8:
-        row.update(int8_test_accuracy=float(int8.group(1)), int8_written=int8.group(3) is None)
+    tuned = result["fine_tune"]
+    if tuned is not None:
+        row["kept_epoch"], row["epochs_run"] = tuned["kept_epoch"], tuned["epochs_run"]
+        row["reused_fine_tune_checkpoint"] = tuned["resumed"] and tuned["epochs_run"] == 0  # time excludes it
+    if result["int8"] is not None:
+        row.update(
+            int8_test_accuracy=round(result["int8"]["int8_accuracy"] * 100, 1), int8_written=result["int8"]["written"]
+        )
     return row
 
 

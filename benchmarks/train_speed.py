@@ -40,43 +40,44 @@ PEAK_RSS = (
 )
 
 
-def run_flowerx_train(args: list[str]) -> tuple[float, float, str]:
-    """`flowerx train ARGS` in a real process: (wall seconds, peak RSS in MB, its stdout); exits on failure."""
-    cmd = [sys.executable, "-c", PEAK_RSS, sys.executable, "-m", "flowerx", "train", *args]
+def run_flowerx_train(args: list[str], result_json: Path) -> tuple[float, float, dict]:
+    """`flowerx train ARGS --json RESULT_JSON` in a real process: (wall seconds, peak RSS in MB, the run's
+    result as flowerx wrote it); exits on failure."""
+    cmd = [sys.executable, "-c", PEAK_RSS, sys.executable, "-m", "flowerx", "train", *args, "--json", str(result_json)]
     start = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, COLUMNS="200"))
     wall = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"flowerx train {' '.join(args)} failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
-    return wall, int(re.search(r"PEAK_KB (\d+)", result.stdout).group(1)) / 1024, result.stdout
+    peak_mb = int(re.search(r"PEAK_KB (\d+)", result.stdout).group(1)) / 1024  # our own wrapper's line
+    return wall, peak_mb, json.loads(result_json.read_text())
 
 
 def flowerx_train(arch: str, shared: Path, work: Path) -> dict:
-    """One `flowerx train` run: wall time, peak RSS, and the phase times it prints."""
-    wall, peak_mb, stdout = run_flowerx_train(
-        [
-            "--image-dir",
-            str(shared / "flower_photos"),
-            "--architecture",
-            arch,
-            "--model-dir",
-            str(shared / "models"),
-            "--bottleneck-dir",
-            str(work / "bottlenecks"),
-            "--summaries-dir",
-            str(work / "summaries"),
-            "--output-graph",
-            str(work / "model.onnx"),
-        ]
-    )
-    phases = dict(re.findall(r"(bottlenecks|head|export) ([\d.]+) s", stdout))
+    """One `flowerx train` run: wall time, peak RSS, and its phase times."""
+    args = [
+        "--image-dir",
+        str(shared / "flower_photos"),
+        "--architecture",
+        arch,
+        "--model-dir",
+        str(shared / "models"),
+        "--bottleneck-dir",
+        str(work / "bottlenecks"),
+        "--summaries-dir",
+        str(work / "summaries"),
+        "--output-graph",
+        str(work / "model.onnx"),
+    ]
+    wall, peak_mb, result = run_flowerx_train(args, work / "result.json")
+    timings = result["timings"]
     return {
         "wall_s": wall,
         "peak_mb": peak_mb,
-        "bottlenecks_s": float(phases["bottlenecks"]),
-        "head_s": float(phases["head"]),
-        "export_s": float(phases["export"]),
-        "test_accuracy": float(re.search(r"Final test accuracy = ([\d.]+)%", stdout).group(1)),
+        "bottlenecks_s": timings["bottlenecks_s"],
+        "head_s": timings["head_s"],
+        "export_s": timings["export_s"],
+        "test_accuracy": result["test_accuracy"] * 100,
     }
 
 
@@ -114,16 +115,12 @@ def network_rates(features_onnx: Path, size: int, cores: int, batch: int = 32) -
 
 def cold_pass(items, arch, weights: Path, features_onnx: Path, root: Path) -> float:
     """Seconds of flowerx's bottleneck pass into an empty cache (the network already converted)."""
-    from flowerx.events import QUIET
-    from flowerx.train import _Networks
-
     shutil.rmtree(root, ignore_errors=True)
     cache = BottleneckCache(root, arch, weights_fingerprint(weights))
     cache.dir.mkdir(parents=True)
     shutil.copy(features_onnx, cache.dir / "features.onnx")
-    networks = _Networks(arch, weights, cache.dir, items, QUIET)
     start = time.perf_counter()
-    get_bottlenecks(items, cache, networks.batch_fn)
+    get_bottlenecks(items, cache, lambda: stream_session(cache.dir / "features.onnx"))  # what training runs
     return time.perf_counter() - start
 
 
@@ -132,7 +129,7 @@ def per_image_baseline(arch: str, shared: Path, count: int) -> float:
         [
             sys.executable,
             "-m",
-            "benchmarks.workers",
+            "flowerx.bench_workers",
             "per-image-loop",
             "--arch",
             arch,

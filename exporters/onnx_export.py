@@ -1,9 +1,8 @@
-"""Keras -> ONNX (tf2onnx) for flowerx's model contract, with metadata and a parity check.
+"""Keras -> ONNX (tf2onnx), the head appended as ONNX nodes, metadata stamping and the parity check.
 
-The contract other apps code against:
-  input  `image`: uint8 [N, S, S, 3] RGB, the whole image resized to S x S (bilinear); normalised inside.
+The graph other apps code against (flowerx.contract documents the whole contract):
+  input  `image`: uint8 [N, S, S, 3] RGB; normalised inside.
   output `probs`: float32 [N, num_classes], softmax, in label order.
-  metadata_props: labels (JSON list), input_size, architecture, resize, and the training summary.
 """
 
 from __future__ import annotations
@@ -13,20 +12,21 @@ import logging
 
 import numpy as np
 
-from flowerx.errors import FlowerxError
+from . import ExportError
+from .names import HEAD_ADD, HEAD_BIAS, HEAD_KERNEL, HEAD_MATMUL, HEAD_SOFTMAX, INPUT, OUTPUT
 
 OPSET = 15  # tf2onnx 1.17 with TF 2.21: opset 19+ fails to convert
 PARITY_ATOL = 1e-4  # on probabilities
 FEATURES_ATOL = 1e-3  # on pooled features (values up to ~6 after ReLU6)
 
 
-def keras_to_onnx(model, input_size: int, output: str = "probs"):
+def keras_to_onnx(model, input_size: int, output: str = OUTPUT):
     """Convert a Keras model with a uint8 [N, S, S, 3] input into an ONNX ModelProto (image -> output)."""
     import tensorflow as tf
     import tf2onnx
 
     logging.getLogger("tf2onnx").setLevel(logging.ERROR)
-    spec = (tf.TensorSpec([None, input_size, input_size, 3], tf.uint8, name="image"),)
+    spec = (tf.TensorSpec([None, input_size, input_size, 3], tf.uint8, name=INPUT),)
 
     @tf.function(input_signature=spec)
     def serve(image):
@@ -51,19 +51,19 @@ def append_head(features_proto, kernel: np.ndarray, bias: np.ndarray):
     num_classes = kernel.shape[1]
     graph.initializer.extend(
         [
-            numpy_helper.from_array(kernel.astype(np.float32), "head/kernel"),
-            numpy_helper.from_array(bias.astype(np.float32), "head/bias"),
+            numpy_helper.from_array(kernel.astype(np.float32), HEAD_KERNEL),
+            numpy_helper.from_array(bias.astype(np.float32), HEAD_BIAS),
         ]
     )
     graph.node.extend(
         [
-            helper.make_node("MatMul", [features.name, "head/kernel"], ["head/matmul"], name="head/MatMul"),
-            helper.make_node("Add", ["head/matmul", "head/bias"], ["head/logits"], name="head/Add"),
-            helper.make_node("Softmax", ["head/logits"], ["probs"], name="head/Softmax", axis=-1),
+            helper.make_node("MatMul", [features.name, HEAD_KERNEL], ["head/matmul"], name=HEAD_MATMUL),
+            helper.make_node("Add", ["head/matmul", HEAD_BIAS], ["head/logits"], name=HEAD_ADD),
+            helper.make_node("Softmax", ["head/logits"], [OUTPUT], name=HEAD_SOFTMAX, axis=-1),
         ]
     )
     batch = features.type.tensor_type.shape.dim[0]
-    probs = helper.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, [batch.dim_param or None, num_classes])
+    probs = helper.make_tensor_value_info(OUTPUT, onnx.TensorProto.FLOAT, [batch.dim_param or None, num_classes])
     del graph.output[:]
     graph.output.append(probs)
     return model
@@ -81,21 +81,21 @@ def set_metadata(proto, metadata: dict[str, object]) -> None:
 def check_parity(
     model_bytes: bytes, keras_model, images: np.ndarray, atol: float = PARITY_ATOL, top1: bool = True
 ) -> float:
-    """Run images through ONNX Runtime and Keras; raise FlowerxError unless they agree (max abs difference
+    """Run images through ONNX Runtime and Keras; raise ExportError unless they agree (max abs difference
     <= atol and, with top1, the same argmax). Returns the max difference."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-    got = session.run(None, {"image": images})[0]
+    got = session.run(None, {INPUT: images})[0]
     want = np.asarray(keras_model(images, training=False))
     if not (np.isfinite(got).all() and np.isfinite(want).all()):
-        raise FlowerxError(
+        raise ExportError(
             f"the exported model's outputs are not finite (NaN or inf) on {len(images)} real images: "
             "training diverged; model not written"
         )
     diff = float(np.abs(got - want).max())
     if not diff <= atol or (top1 and not np.array_equal(got.argmax(1), want.argmax(1))):  # NaN-safe
-        raise FlowerxError(
+        raise ExportError(
             f"exported ONNX model disagrees with Keras on {len(images)} real images "
             f"(max difference {diff:.2e} > {atol:.0e} or a different top-1); model not written"
         )

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,24 +16,59 @@ import numpy as np
 from .architectures import Architecture
 from .errors import FlowerxError
 
+# TensorFlow's C++ start-up lines, printed at import whatever TF_CPP_MIN_LOG_LEVEL says.
+_STARTUP_NOISE = (
+    b"All log messages before absl::InitializeLog() is called",
+    b"oneDNN custom operations are on",
+    b"cpu_feature_guard",
+    b"To enable the following instructions",
+)
+
 
 @contextlib.contextmanager
-def _quiet_stderr():
-    """TensorFlow's C++ start-up lines (oneDNN, CPU features) ignore TF_CPP_MIN_LOG_LEVEL: mute fd 2."""
+def _filtered_stderr():
+    """Pass file descriptor 2 through a filter that drops only TensorFlow's start-up lines and forwards every
+    other line as it comes (a crash's message included). FLOWERX_DEBUG=1: no filter."""
+    if os.environ.get("FLOWERX_DEBUG"):
+        yield
+        return
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
     saved = os.dup(2)
+
+    def forward() -> None:
+        with os.fdopen(read_end, "rb") as pipe:
+            for line in pipe:
+                if not any(noise in line for noise in _STARTUP_NOISE):
+                    os.write(saved, line)
+
+    thread = threading.Thread(target=forward, name="flowerx-stderr", daemon=True)
+    thread.start()
+    os.dup2(write_end, 2)
+    os.close(write_end)
     try:
-        with open(os.devnull, "wb") as devnull:
-            os.dup2(devnull.fileno(), 2)
         yield
     finally:
-        os.dup2(saved, 2)
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last writer closes: the forwarder reads to the end and stops
+        thread.join(timeout=10)
         os.close(saved)
 
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-with _quiet_stderr():
-    import keras
-    import tensorflow as tf  # noqa: F401  (re-exported: the training path imports TF from here)
+def _import_tensorflow():
+    """Import TensorFlow and Keras with their log noise silenced. TF_CPP_MIN_LOG_LEVEL is set to 3 unless the
+    user set it (or FLOWERX_DEBUG is set): TensorFlow's C++ logging reads it at every message, so it stays
+    set for the process that trains."""
+    if not os.environ.get("FLOWERX_DEBUG"):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with _filtered_stderr():
+        import keras
+        import tensorflow
+
+    return tensorflow, keras
+
+
+tf, keras = _import_tensorflow()  # the training path imports TF from here
 
 
 def build_base(arch: Architecture, weights: str | Path | None) -> keras.Model:

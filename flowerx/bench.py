@@ -1,6 +1,6 @@
 """`flowerx bench`: latency, throughput, size, load time and memory per model and runtime.
 
-Each measurement runs in its own process (benchmarks/workers.py): TensorFlow loaded beside onnxruntime
+Each measurement runs in its own process (flowerx/bench_workers.py): TensorFlow loaded beside onnxruntime
 slows it down, and peak memory means something only per process. Results come back as data
 (`BenchReport`); the CLI prints them as a table. This module itself imports neither TF nor onnxruntime.
 """
@@ -140,7 +140,7 @@ def machine_info() -> dict:
 def _worker(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
     return subprocess.run(
-        [sys.executable, "-m", "benchmarks.workers", *args], capture_output=True, text=True, timeout=timeout, env=env
+        [sys.executable, "-m", "flowerx.bench_workers", *args], capture_output=True, text=True, timeout=timeout, env=env
     )
 
 
@@ -168,7 +168,8 @@ def _plan_models(cfg: BenchConfig) -> list[_Model]:
         folder = work / f"{arch.name}-{weights}"
         models.append(_Model(arch.name, arch.name, folder, folder / "model.onnx"))
     for graph in map(Path, cfg.graphs):
-        from .predictor import NoMetadataError, Predictor
+        from .contract import NoMetadataError
+        from .predictor import Predictor
 
         try:
             predictor = Predictor(graph, providers="cpu")
@@ -178,10 +179,10 @@ def _plan_models(cfg: BenchConfig) -> list[_Model]:
                 "train (it reads their architecture); time the network by name with "
                 "--architectures instead"
             ) from None
-        arch = predictor.metadata.get("architecture")
+        arch = predictor.contract.architecture
         if arch not in ARCHITECTURES:
             raise FlowerxError(f"{graph} does not say which architecture it is (metadata 'architecture')")
-        kind = "int8" if "quantization" in predictor.metadata else "fp32"
+        kind = "int8" if predictor.contract.quantization else "fp32"
         # The other runtimes run the same float network; one prepared copy serves every graph of it.
         folder = work / f"trained-{arch}-{len(predictor.labels)}"
         models.append(
@@ -280,7 +281,7 @@ def _end_to_end(model: _Model, image: Path, cfg: BenchConfig) -> dict:
         entry.update(tensorflow_s=None, tensorflow_status="skipped: TensorFlow not installed or no SavedModel")
     else:
         tf_s, tf_status = _timed(
-            [sys.executable, "-m", "benchmarks.workers", "tf-classify", "--model", str(savedmodel), str(image)],
+            [sys.executable, "-m", "flowerx.bench_workers", "tf-classify", "--model", str(savedmodel), str(image)],
             cfg.end_to_end_repeats,
         )
         entry.update(tensorflow_s=tf_s, tensorflow_status=tf_status)
@@ -306,22 +307,49 @@ def _sample_image(cfg: BenchConfig) -> Path:
     return path
 
 
-def run(cfg: BenchConfig, on_step: Callable[[str], None] = lambda s: None) -> BenchReport:
-    """Prepare every model, measure every (model, runtime, threads), then end to end and accuracy."""
+def run(cfg: BenchConfig, on_step: Callable[[str, int, int], None] = lambda s, done, total: None) -> BenchReport:
+    """Prepare every model, measure every (model, runtime, threads), then accuracy and end to end.
+    The work is planned first as a list of steps, so on_step(description, steps done, total) always adds up."""
     if cfg.runs <= 0 or cfg.seconds <= 0 or cfg.batch <= 0 or any(t <= 0 for t in cfg.threads):
         raise FlowerxError("--runs, --seconds, --batch and --threads must be positive")
     models = _plan_models(cfg)
     rows: list[Row] = []
+    end_to_end: list[dict] = []
+    plan: list[tuple[str, Callable[[], None]]] = []
     for model in models:
-        on_step(f"preparing {model.name}")
-        problem = _prepare(model, cfg)
-        if problem:
-            model.info["prepare_error"] = problem
+        plan.append((f"preparing {model.name}", lambda m=model: m.info.update(_prepare_error(m, cfg))))
         for runtime in cfg.runtimes:
             for threads in cfg.threads:
-                on_step(f"{model.name}: {runtime}, {threads} thread{'s' if threads > 1 else ''}")
-                rows.append(_measure(model, runtime, threads, cfg))  # says "skipped: ..." for what is missing
-    for row in rows:  # ratios against flowerx's predictor in the same run
+                what = f"{model.name}: {runtime}, {threads} thread{'s' if threads > 1 else ''}"
+                plan.append((what, lambda m=model, r=runtime, t=threads: rows.append(_measure(m, r, t, cfg))))
+    for model in (m for m in models if m.trained and cfg.image_dir):
+        plan.append((f"accuracy of {model.name}", lambda m=model: _set_accuracy(m, rows, cfg)))
+    if cfg.end_to_end_repeats > 0 and models:
+        trained = [m for m in models if m.trained]
+        target = trained[0] if trained else next((m for m in models if m.arch == "mobilenet_0.50_224"), models[0])
+        plan.append(
+            (
+                f"end to end: classify one image with {target.name}",
+                lambda: target.onnx.exists() and end_to_end.append(_end_to_end(target, _sample_image(cfg), cfg)),
+            )
+        )
+    for done, (description, step) in enumerate(plan):
+        on_step(description, done, len(plan))
+        step()
+    on_step("done", len(plan), len(plan))
+    _set_ratios(rows)
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+    return BenchReport(machine_info(), rows, end_to_end, config)
+
+
+def _prepare_error(model: _Model, cfg: BenchConfig) -> dict:
+    problem = _prepare(model, cfg)
+    return {"prepare_error": problem} if problem else {}
+
+
+def _set_ratios(rows: list[Row]) -> None:
+    """Each row's latency against flowerx's predictor on the same model and threads, in the same run."""
+    for row in rows:
         base = next(
             (
                 r
@@ -332,37 +360,20 @@ def run(cfg: BenchConfig, on_step: Callable[[str], None] = lambda s: None) -> Be
         )
         if base and row.median_ms:
             row.ratio = row.median_ms / base.median_ms
-    for model in (m for m in models if m.trained and cfg.image_dir):
-        on_step(f"accuracy of {model.name}")
-        from .evaluate import evaluate
-        from .predictor import Predictor, read_training, split_percentages
-
-        predictor = Predictor(model.onnx, providers="cpu")
-        training = read_training(predictor.metadata, model.onnx.name)
-        split = "test" if split_percentages(training, model.onnx.name) or training.get("split") == "folders" else "all"
-        accuracy = evaluate(predictor, cfg.image_dir, split).accuracy
-        for row in rows:
-            if row.model == model.name and row.runtime == "onnxruntime" and row.status == "ok":
-                row.accuracy = accuracy
-    end_to_end = []
-    if cfg.end_to_end_repeats > 0 and models:
-        trained = [m for m in models if m.trained]
-        target = trained[0] if trained else next((m for m in models if m.arch == "mobilenet_0.50_224"), models[0])
-        if target.onnx.exists():
-            on_step(f"end to end: classify one image with {target.name}")
-            end_to_end.append(_end_to_end(target, _sample_image(cfg), cfg))
-    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
-    return BenchReport(machine_info(), rows, end_to_end, config)
 
 
-def steps(cfg: BenchConfig) -> int:
-    """How many on_step calls run() makes (for a progress bar)."""
-    models = len(cfg.architectures) + len(cfg.graphs)
-    return (
-        models * (1 + len(cfg.runtimes) * len(cfg.threads))
-        + (len(cfg.graphs) if cfg.image_dir else 0)
-        + (1 if cfg.end_to_end_repeats > 0 else 0)
-    )
+def _set_accuracy(model: _Model, rows: list[Row], cfg: BenchConfig) -> None:
+    """The trained model's accuracy on its test split (all images if it records none), on its own row."""
+    from .evaluate import evaluate
+    from .predictor import Predictor
+
+    predictor = Predictor(model.onnx, providers="cpu")
+    contract = predictor.contract
+    split = "test" if contract.split_percentages(model.onnx.name) or contract.split_by_folders else "all"
+    accuracy = evaluate(predictor, cfg.image_dir, split).accuracy
+    for row in rows:
+        if row.model == model.name and row.runtime == "onnxruntime" and row.status == "ok":
+            row.accuracy = accuracy
 
 
 def plot(report: BenchReport, path: str | os.PathLike) -> None:

@@ -9,22 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import os
 import tempfile
 import threading
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .architectures import Architecture
+from .contract import INPUT
 from .data import Distortion, ImageItem, max_image_bytes, prepare_image
 from .errors import FlowerxError, ImageError
 from .fileio import RefusedFile, read_regular
+from .parallel import chunked, map_ahead
 
 # Bump when the decode rule or the features change, so old entries are never mixed with new ones.
 CACHE_VERSION = "v1"
@@ -111,12 +110,7 @@ def stream_session(model: str | os.PathLike | bytes) -> Callable[[np.ndarray], n
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = model if isinstance(model, bytes) else str(model)
     session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    return lambda batch: session.run(None, {"image": batch})[0]
-
-
-def _batches(seq: Sequence, size: int) -> Iterator[Sequence]:
-    for start in range(0, len(seq), size):
-        yield seq[start : start + size]
+    return lambda batch: session.run(None, {INPUT: batch})[0]
 
 
 def _allocate(shape: tuple[int, ...], dtype: np.dtype, folder: Path) -> np.ndarray:
@@ -129,6 +123,48 @@ def _allocate(shape: tuple[int, ...], dtype: np.dtype, folder: Path) -> np.ndarr
     matrix = np.lib.format.open_memmap(handle.name, mode="w+", dtype=dtype, shape=shape)
     os.unlink(handle.name)  # the mapping stays valid; the file goes away with the process
     return matrix
+
+
+class _Once:
+    """make() called once, on first use, by whichever thread needs it first."""
+
+    def __init__(self, make: Callable):
+        self.make, self.value, self.lock = make, None, threading.Lock()
+
+    def __call__(self):
+        with self.lock:
+            if self.value is None:
+                self.value = self.make()
+        return self.value
+
+
+def _look_up(
+    item: ImageItem, cache: BottleneckCache, view: tuple[Distortion, int] | None, limit: int, on_warning: Callable
+) -> tuple[str, object]:
+    """One image, read once: ("cached", vector), ("computed" | "corrupt", (key, decoded image)) or
+    ("failed", reason)."""
+    try:
+        data = read_regular(item.path, limit)  # never a FIFO or device: they would hang or never end
+    except RefusedFile as e:
+        return "failed", str(e)
+    except OSError as e:
+        return "failed", f"cannot read file ({e.strerror or e})"
+    key, status = BottleneckCache.key(data), "computed"
+    if view is not None:
+        key = BottleneckCache.key(f"{key}|{view[0].id}|{view[1]}".encode())
+    try:
+        vector = cache.load(key)
+    except ValueError as e:
+        vector, status = None, "corrupt"
+        on_warning(f"recomputing {item.relpath}: {e}")
+    if vector is not None:
+        return "cached", vector
+    size = cache.arch.input_size
+    try:
+        image = prepare_image(data, size) if view is None else view[0].view(data, size, seed=int(key[:15], 16))
+    except ImageError as e:
+        return "failed", e.reason
+    return status, (key, image)
 
 
 def get_bottlenecks(
@@ -153,85 +189,34 @@ def get_bottlenecks(
     [B, S, S, 3] to features [B, D].
     Returns (features [n, D], ok mask [n], stats); rows of failed images are zero and not ok.
     """
-    workers = workers or os.cpu_count() or 1
     limit = max_image_bytes()
     features = _allocate((len(items), *cache.shape), cache.dtype, cache.dir)
     ok = np.zeros(len(items), bool)
     stats = BottleneckStats()
-    model_lock = threading.Lock()
-    model: list[Callable[[np.ndarray], np.ndarray]] = []
-
-    def get_model() -> Callable[[np.ndarray], np.ndarray]:
-        with model_lock:
-            if not model:
-                model.append(make_model())
-        return model[0]
+    model = _Once(make_model)
 
     def process(batch: Sequence[int]) -> list[tuple[str, object]]:
         """Per image: ("cached" | "computed" | "corrupt", vector) or ("failed", reason)."""
-        results: list[tuple[str, object]] = []
-        todo: list[tuple[int, str, np.ndarray]] = []  # (position in batch, key, decoded image)
-        for pos, i in enumerate(batch):
-            try:
-                data = read_regular(items[i].path, limit)  # never a FIFO or device: they would hang or never end
-            except RefusedFile as e:
-                results.append(("failed", str(e)))
-                continue
-            except OSError as e:
-                results.append(("failed", f"cannot read file ({e.strerror or e})"))
-                continue
-            key, status = BottleneckCache.key(data), "computed"
-            if view is not None:
-                key = BottleneckCache.key(f"{key}|{view[0].id}|{view[1]}".encode())
-            try:
-                vector = cache.load(key)
-            except ValueError as e:
-                vector, status = None, "corrupt"
-                on_warning(f"recomputing {items[i].relpath}: {e}")
-            if vector is not None:
-                results.append(("cached", vector))
-                continue
-            try:
-                size = cache.arch.input_size
-                if view is None:
-                    image = prepare_image(data, size)
-                else:
-                    image = view[0].view(data, size, seed=int(key[:15], 16))
-                todo.append((pos, key, image))
-                results.append((status, None))
-            except ImageError as e:
-                results.append(("failed", e.reason))
+        results = [_look_up(items[i], cache, view, limit, on_warning) for i in batch]
+        todo = [pos for pos, (status, _) in enumerate(results) if status in ("computed", "corrupt")]
         if todo:
-            out = np.asarray(get_model()(np.stack([image for _, _, image in todo])), cache.dtype)
-            for (pos, key, _), vector in zip(todo, out):
+            out = np.asarray(model()(np.stack([results[pos][1][1] for pos in todo])), cache.dtype)
+            for pos, vector in zip(todo, out):
+                status, (key, _) = results[pos]
                 cache.store(key, vector)
-                results[pos] = (results[pos][0], vector)
+                results[pos] = (status, vector)
         return results
 
-    with ThreadPoolExecutor(workers) as pool:
-        batches = iter(_batches(range(len(items)), batch_size))
-        pending: deque = deque()  # at most 2 batches per worker in flight, consumed in order
-        for batch in itertools.islice(batches, 2 * workers):
-            pending.append((batch, pool.submit(process, batch)))
-        try:
-            while pending:
-                batch, future = pending.popleft()
-                results = future.result()
-                nxt = next(batches, None)
-                if nxt is not None:
-                    pending.append((nxt, pool.submit(process, nxt)))
-                for i, (status, value) in zip(batch, results):
-                    if status == "failed":
-                        stats.failed.append((items[i].relpath, value))
-                        on_warning(f"skipping {items[i].relpath}: {value}")
-                        continue
-                    features[i], ok[i] = value, True
-                    stats.cached += status == "cached"
-                    stats.computed += status != "cached"
-                    stats.corrupt += status == "corrupt"
-                on_progress(len(batch))
-        except BaseException:  # Ctrl-C or a failure: stop queued batches; what was stored stays stored
-            for _, future in pending:
-                future.cancel()
-            raise
+    # Ctrl-C or a failure stops the queued batches; what was stored stays stored.
+    for batch, results in map_ahead(lambda b: (b, process(b)), chunked(range(len(items)), batch_size), workers):
+        for i, (status, value) in zip(batch, results):
+            if status == "failed":
+                stats.failed.append((items[i].relpath, value))
+                on_warning(f"skipping {items[i].relpath}: {value}")
+                continue
+            features[i], ok[i] = value, True
+            stats.cached += status == "cached"
+            stats.computed += status != "cached"
+            stats.corrupt += status == "corrupt"
+        on_progress(len(batch))
     return features, ok, stats

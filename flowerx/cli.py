@@ -15,6 +15,7 @@ import re
 import sys
 import threading
 import time
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -212,6 +213,9 @@ def _add_train(sub, common) -> None:
             if meta.get("choices")
             else {"graph": "PATH", "labels": "PATH"}.get(f.name.split("_")[-1], f.name.split("_")[-1].upper()),
         )
+    groups["output"].add_argument(
+        "--json", metavar="PATH", help="also write the run's result (accuracies, counts, timings) as JSON to PATH"
+    )
 
 
 def _add_model_flags(p) -> None:
@@ -328,15 +332,20 @@ def _need_train_extra(command: str) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from . import train
+    from .fileio import atomic_write, check_outputs
 
     cfg = train.TrainConfig(**{f.name: getattr(args, f.name) for f in fields(train.TrainConfig)})
     cfg.check()
     _need_train_extra("train")
+    if args.json:
+        check_outputs({"--json": args.json, "--output-graph": cfg.output_graph, "--output-labels": cfg.labels_path})
     reporter = Reporter(args.verbosity)
     try:
         result = train.run(cfg, reporter.events())
     finally:
         reporter.close()
+    if args.json:
+        atomic_write(Path(args.json).expanduser(), json.dumps(result.to_dict(), indent=2).encode())
     if result.test_count:
         say(out, f"Final test accuracy = {result.test_accuracy * 100:.1f}% (N={result.test_count})")
     else:
@@ -547,12 +556,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         options.setdefault("architectures", [])
     cfg = bench.BenchConfig.quick(**options) if args.quick else bench.BenchConfig(**options)
     reporter = Reporter(-1 if args.verbosity < 0 else 0, err, transient=True)
-    total, done = bench.steps(cfg), [0]
 
-    def step(description: str) -> None:
-        reporter.progress("bench", done[0], total, "")
+    def step(description: str, done: int, total: int) -> None:
+        reporter.progress("bench", done, total, "")
         reporter.message("detail", description)
-        done[0] += 1
 
     try:
         report = bench.run(cfg, step)
@@ -627,6 +634,10 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(_normalize_flags(sys.argv[1:] if argv is None else argv))
+    from PIL import Image
+
+    # flowerx refuses oversized images itself, with one line per file; PIL's own warning would repeat it.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     try:
         return COMMANDS[args.command](args)
     except FlowerxError as e:

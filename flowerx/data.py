@@ -12,7 +12,6 @@ import os
 import threading
 import unicodedata
 import urllib.error
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +24,10 @@ from .fileio import RefusedFile, download, extract_tar, read_regular
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MAX_PERCENT = 2**27 - 1  # as in retrain.py: fine-grained, stable buckets
-RESIZE_RULE = "bilinear"  # whole image to S x S, no crop; recorded in the model's metadata
-# A 3-gigapixel "photo" is an attack, not data. PIL warns above this size (and refuses above twice it);
-# flowerx refuses above it: the size check in open_image is explicit, and the warning (set to an error once
-# here, since warnings.catch_warnings is not thread-safe and decoding runs on thread pools) can't slip by.
-Image.MAX_IMAGE_PIXELS = 120_000_000
-warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+# A 3-gigapixel "photo" is an attack, not data: flowerx refuses images over MAX_PIXELS, checked explicitly in
+# open_image before any pixel is decoded (no global PIL setting or warnings filter: importing flowerx changes
+# nothing in the host process; PIL's own check still refuses over twice its limit, and may warn in between).
+MAX_PIXELS = 120_000_000  # a 108-megapixel phone photo passes
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
 MAX_IMAGE_MB = 64  # image files larger than this are refused unread; FLOWERX_MAX_IMAGE_MB overrides it
@@ -291,7 +288,7 @@ def open_image(source: ImageSource, min_size: int | None = None, max_bytes: int 
                 image.draft("RGB", (min_size, min_size))
         else:
             raise ImageError(name, "not an image source: give a path, bytes, a PIL image or a uint8 array")
-        if image.width * image.height > Image.MAX_IMAGE_PIXELS:
+        if image.width * image.height > MAX_PIXELS:
             raise Image.DecompressionBombError(name)
         if image.width == 0 or image.height == 0:
             raise ImageError(name, "image has no pixels (0 x 0)")
@@ -310,7 +307,7 @@ def open_image(source: ImageSource, min_size: int | None = None, max_bytes: int 
     except UnidentifiedImageError:
         raise ImageError(name, "not an image (unrecognised format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(name, f"image is too large (over {Image.MAX_IMAGE_PIXELS} pixels)") from None
+        raise ImageError(name, f"image is too large (over {MAX_PIXELS} pixels)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(name, f"cannot decode image ({e})") from None
 

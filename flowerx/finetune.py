@@ -19,12 +19,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,19 +29,41 @@ import numpy as np
 from .architectures import Architecture
 from .data import Distortion, ImageItem, prepare_image
 from .errors import FlowerxError
-from .events import Events
+from .events import QUIET, Events
 from .fileio import atomic_write
+from .parallel import chunked, map_ahead
 
 # Used when fine-tuning and no distortion flag is given: without distortions every epoch shows the network
 # the same pixels, which it learns by heart. Mild on purpose: photos are not upside down or recoloured.
 # No --random-crop: its margin always zooms in (views 1.1-1.2x larger than the test images); --random-scale
 # alone zooms 1.0-1.15x at a random position, closer to what the network sees at test time.
 DEFAULT_DISTORTION = Distortion(flip_left_right=True, random_scale=15, random_brightness=10)
-LABEL_SMOOTHING = 0.1  # fine-tuning reaches ~100% train accuracy: softer targets keep it from over-confidence
-EMA_DECAY = 0.99  # per step: validation, the kept epoch and the export use an average of the last ~100 steps' weights
-PATIENCE = 3  # epochs without a better validation accuracy before stopping, counted from half the epochs:
-# the first epochs, at the highest learning rate, often dip below the head alone before they climb past it
 CHECKPOINT_VERSION = 1
+PREDICT_BATCH = 64
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """How the top blocks are fine-tuned. The defaults are what was measured best on validation accuracy
+    (mobilenet_1.0_224 on the flower photos: README, "Beyond the last layer")."""
+
+    blocks: int  # top blocks trained (MobileNet v1: 1-13, 13 = all; Inception V3: 1-10)
+    learning_rate: float = 1e-4  # Adam, cosine-decayed to 0 over max_epochs
+    max_epochs: int = 12
+    batch_size: int = 32
+    distortion: Distortion = DEFAULT_DISTORTION  # fresh views each epoch; an inactive one means the default
+    seed: int = 0
+    # Fine-tuning reaches ~100% train accuracy: softer targets keep it from over-confidence.
+    label_smoothing: float = 0.1
+    # Per step: validation, the kept epoch and the export use an average of the last ~100 steps' weights.
+    ema_decay: float = 0.99
+    # Epochs without a better validation accuracy before stopping, counted from half the epochs: the first
+    # epochs, at the highest learning rate, often dip below the head alone before they climb past it.
+    patience: int = 3
+
+    @property
+    def views(self) -> Distortion:
+        return self.distortion if self.distortion.active else DEFAULT_DISTORTION
 
 
 def cut_layer(arch: Architecture, blocks: int) -> str:
@@ -67,37 +86,29 @@ class FineTuneResult:
     test_predictions: np.ndarray  # argmax per test item, in the order given
     distortion: str = ""  # the fresh views' settings (Distortion.id)
     history: list[dict] = field(default_factory=list)  # per epoch: train loss/accuracy, validation accuracy
+    resumed: bool = False  # a checkpoint of this run was found (a finished one: no epoch ran)
 
 
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-def _decode(item: ImageItem, size: int, distortion: Distortion | None, seed: int) -> np.ndarray:
-    return prepare_image(item.path, size) if distortion is None else distortion.view(item.path, size, seed)
-
-
 def _image_batches(
-    items: Sequence[ImageItem],
-    order: np.ndarray,
-    size: int,
-    batch_size: int,
-    distortion: Distortion | None,
-    seed: int,
-    pool: ThreadPoolExecutor,
+    items: Sequence[ImageItem], order: np.ndarray, size: int, batch_size: int, distortion: Distortion | None, seed: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(indices, uint8 images) per batch of order, decoded (and distorted) on all cores two batches ahead of
-    the training step; PIL releases the GIL, so decoding overlaps TensorFlow's work."""
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    pending: deque = deque()
-    for b in batches:
-        pending.append((b, [pool.submit(_decode, items[i], size, distortion, _seed(seed, i)) for i in b]))
-        if len(pending) > 2:
-            idx, futures = pending.popleft()
-            yield idx, np.stack([f.result() for f in futures])
-    while pending:
-        idx, futures = pending.popleft()
-        yield idx, np.stack([f.result() for f in futures])
+    """(indices, uint8 images) per batch of order, decoded (and distorted) on all cores ahead of the training
+    step; PIL releases the GIL, so decoding overlaps TensorFlow's work."""
+
+    def decode(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        views = [
+            prepare_image(items[i].path, size)
+            if distortion is None
+            else distortion.view(items[i].path, size, _seed(seed, i))
+            for i in idx
+        ]
+        return idx, np.stack(views)
+
+    return map_ahead(decode, chunked(order, batch_size))
 
 
 def checkpoint_key(parts: dict, items: Sequence[ImageItem]) -> str:
@@ -133,199 +144,212 @@ def _load(path: Path, key: str) -> tuple[dict, dict[str, list[np.ndarray]]] | No
         return None
 
 
+class _Tuner:
+    """The TensorFlow side of one fine-tuning run: the trainable weights (top blocks + head), their moving
+    average, the optimizer and the compiled step."""
+
+    def __init__(self, base, features_model, arch: Architecture, cfg: FineTuneConfig, kernel, bias, steps: int):
+        from .backbone import keras, tf
+
+        self.tf, self.features_model, self.cfg, self.size = tf, features_model, cfg, arch.input_size
+        cut = [layer.name for layer in base.layers].index(cut_layer(arch, cfg.blocks))
+        base.trainable = True
+        for i, layer in enumerate(base.layers):
+            layer.trainable = i > cut and not isinstance(layer, keras.layers.BatchNormalization)
+        self.w = tf.Variable(kernel.astype(np.float32), name="head_kernel")
+        self.b = tf.Variable(bias.astype(np.float32), name="head_bias")
+        self.variables = list(features_model.trainable_variables) + [self.w, self.b]
+        schedule = keras.optimizers.schedules.CosineDecay(cfg.learning_rate, cfg.max_epochs * steps)
+        self.optimizer = keras.optimizers.Adam(schedule)
+        self.optimizer.build(self.variables)
+        self.ema = [tf.Variable(v.numpy(), trainable=False) for v in self.variables]  # starts at the head alone
+        self.step = tf.function(self._step, reduce_retracing=True)
+        self.logits = tf.function(self._logits, reduce_retracing=True)
+
+    def _logits(self, x):
+        return self.tf.matmul(self.features_model(x, training=False), self.w) + self.b
+
+    def _step(self, x, y):
+        """One Adam step with label smoothing; updates the moving average. Returns (loss, correct count)."""
+        tf, smoothing = self.tf, self.cfg.label_smoothing
+        with tf.GradientTape() as tape:
+            logits = self._logits(x)
+            classes = tf.shape(logits)[1]
+            targets = tf.one_hot(y, classes) * (1 - smoothing) + smoothing / tf.cast(classes, tf.float32)
+            loss = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(targets, logits))
+        self.optimizer.apply_gradients(zip(tape.gradient(loss, self.variables), self.variables))
+        for average, v in zip(self.ema, self.variables):
+            average.assign(self.cfg.ema_decay * average + (1 - self.cfg.ema_decay) * tf.convert_to_tensor(v))
+        return loss, tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, 1), y), tf.float32))
+
+    def snapshot(self, of: list | None = None) -> list[np.ndarray]:
+        return [v.numpy() for v in (self.variables if of is None else of)]
+
+    def restore(self, values: list[np.ndarray], to: list | None = None) -> None:
+        for v, value in zip(self.variables if to is None else to, values):
+            v.assign(value)
+
+    def predict(self, items: Sequence[ImageItem], idx: np.ndarray) -> np.ndarray:
+        out = [
+            self.logits(self.tf.constant(x)).numpy().argmax(1)
+            for _, x in _image_batches(items, idx, self.size, PREDICT_BATCH, None, 0)
+        ]
+        return np.concatenate(out) if out else np.zeros(0, int)
+
+    def averaged_accuracy(self, items: Sequence[ImageItem], labels: np.ndarray, idx: np.ndarray) -> float:
+        """Accuracy of the averaged weights (the training weights are put back after)."""
+        current = self.snapshot()
+        self.restore(self.snapshot(self.ema))
+        try:
+            return float((self.predict(items, idx) == labels[idx]).mean())
+        finally:
+            self.restore(current)
+
+    def arrays(self, best: list[np.ndarray]) -> dict[str, list[np.ndarray]]:
+        """Everything a checkpoint holds besides its state."""
+        return {
+            "current": self.snapshot(),
+            "ema": self.snapshot(self.ema),
+            "best": best,
+            "optimizer": [v.numpy() for v in self.optimizer.variables],
+        }
+
+    def load(self, arrays: dict[str, list[np.ndarray]]) -> list[np.ndarray]:
+        """Put a checkpoint's weights back; returns its best weights."""
+        self.restore(arrays["current"])
+        self.restore(arrays["ema"], self.ema)
+        for v, value in zip(self.optimizer.variables, arrays["optimizer"]):
+            v.assign(value)
+        return arrays["best"]
+
+
+def _epoch(tuner: _Tuner, items, labels: np.ndarray, train: np.ndarray, epoch: int, steps: int) -> dict:
+    """One epoch over fresh views of the training images (a seeded order); its record."""
+    cfg, tf = tuner.cfg, tuner.tf
+    t = time.perf_counter()
+    rng_seed = _seed(cfg.seed, 7)
+    order = np.random.default_rng(_seed(rng_seed, epoch)).permutation(train)
+    order = order[: steps * cfg.batch_size] if len(order) >= cfg.batch_size else order
+    losses, correct = [], 0.0
+    for idx, x in _image_batches(items, order, tuner.size, cfg.batch_size, cfg.views, _seed(rng_seed, epoch, 1)):
+        loss, hits = tuner.step(tf.constant(x), tf.constant(labels[idx], tf.int64))
+        losses.append(float(loss))
+        correct += float(hits)
+    seconds = time.perf_counter() - t
+    return {
+        "epoch": epoch,
+        "loss": float(np.mean(losses)),
+        "train_accuracy": correct / len(order),
+        "seconds": seconds,
+        "images": len(order),
+    }
+
+
 def fine_tune(
     base,
     features_model,
     arch: Architecture,
-    blocks: int,
+    cfg: FineTuneConfig,
     items: Sequence[ImageItem],
     labels: np.ndarray,
     splits: dict[str, np.ndarray],
     kernel: np.ndarray,
     bias: np.ndarray,
-    distortion: Distortion,
-    learning_rate: float,
-    max_epochs: int,
-    batch_size: int,
-    seed: int,
     checkpoint: Path,
-    events: Events,
+    events: Events = QUIET,
     summary_dir: Path | None = None,
     key_parts: dict | None = None,
 ) -> FineTuneResult:
-    """Train the top `blocks` blocks of base (shared by features_model: uint8 image -> pooled features) and
+    """Train the top cfg.blocks blocks of base (shared by features_model: uint8 image -> pooled features) and
     the head on freshly distorted training images; returns the best epoch's head (base keeps its weights).
     key_parts: what else the starting point depends on (the head's settings), for the checkpoint's key."""
-    from .backbone import keras, tf
-
-    size = arch.input_size
-    distortion = distortion if distortion.active else DEFAULT_DISTORTION
-    cut = [layer.name for layer in base.layers].index(cut_layer(arch, blocks))
-    base.trainable = True
-    for i, layer in enumerate(base.layers):
-        layer.trainable = i > cut and not isinstance(layer, keras.layers.BatchNormalization)
-    w = tf.Variable(kernel.astype(np.float32), name="head_kernel")
-    b = tf.Variable(bias.astype(np.float32), name="head_bias")
-    variables = list(features_model.trainable_variables) + [w, b]
-    train = splits["train"]
-    steps_per_epoch = max(1, len(train) // batch_size)
-    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, max_epochs * steps_per_epoch)
-    optimizer = keras.optimizers.Adam(schedule)
-    optimizer.build(variables)
-    ema = [tf.Variable(v.numpy(), trainable=False) for v in variables]  # starts at the head-only weights
-
-    @tf.function(reduce_retracing=True)
-    def step(x: tf.Tensor, y: tf.Tensor):
-        with tf.GradientTape() as tape:
-            logits = tf.matmul(features_model(x, training=False), w) + b
-            targets = tf.one_hot(y, tf.shape(logits)[1]) * (1 - LABEL_SMOOTHING) + LABEL_SMOOTHING / tf.cast(
-                tf.shape(logits)[1], tf.float32
-            )
-            loss = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(targets, logits))
-        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        for average, v in zip(ema, variables):
-            average.assign(EMA_DECAY * average + (1 - EMA_DECAY) * tf.convert_to_tensor(v))
-        return loss, tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, 1), y), tf.float32))
-
-    @tf.function(reduce_retracing=True)
-    def logits_of(x: tf.Tensor) -> tf.Tensor:
-        return tf.matmul(features_model(x, training=False), w) + b
-
-    pool = ThreadPoolExecutor(os.cpu_count() or 1)
-
-    def predict(idx: np.ndarray) -> np.ndarray:
-        out = [
-            logits_of(tf.constant(x)).numpy().argmax(1) for _, x in _image_batches(items, idx, size, 64, None, 0, pool)
-        ]
-        return np.concatenate(out) if out else np.zeros(0, int)
-
-    def snapshot(of: list = variables) -> list[np.ndarray]:
-        return [v.numpy() for v in of]
-
-    def restore(values: list[np.ndarray], to: list = variables) -> None:
-        for v, value in zip(to, values):
-            v.assign(value)
-
-    def accuracy(idx: np.ndarray) -> float:
-        """Accuracy of the averaged weights (the training weights are put back after)."""
-        current = snapshot()
-        restore(snapshot(ema))
-        try:
-            return float((predict(idx) == labels[idx]).mean())
-        finally:
-            restore(current)
-
+    train, validation = splits["train"], splits["validation"]
+    steps = max(1, len(train) // cfg.batch_size)
+    tuner = _Tuner(base, features_model, arch, cfg, kernel, bias, steps)
+    settings = {"architecture": arch.name, **asdict(cfg), "distortion": cfg.views.id}
     key = checkpoint_key(
-        {
-            "architecture": arch.name,
-            "blocks": blocks,
-            "learning_rate": learning_rate,
-            "max_epochs": max_epochs,
-            "batch_size": batch_size,
-            "seed": seed,
-            "distortion": distortion.id,
-            "label_smoothing": LABEL_SMOOTHING,
-            "ema": EMA_DECAY,
-            "splits": {k: len(v) for k, v in splits.items()},
-            **(key_parts or {}),
-        },
-        [items[i] for i in np.concatenate([train, splits["validation"]])],
+        {**settings, "splits": {k: len(v) for k, v in splits.items()}, **(key_parts or {})},
+        [items[i] for i in np.concatenate([train, validation])],
     )
-    loaded = _load(checkpoint, key)
-    if loaded:
-        state, arrays = loaded
-        restore(arrays["current"])
-        restore(arrays["ema"], ema)
-        for v, value in zip(optimizer.variables, arrays["optimizer"]):
-            v.assign(value)
-        best = arrays["best"]
-        events.info(
-            f"Fine-tune: {'finished' if state['done'] else 'resuming'} after epoch {state['epoch']} "
-            f"(checkpoint {checkpoint})"
-        )
-    else:
-        start = accuracy(splits["validation"])
-        state = {
-            "version": CHECKPOINT_VERSION,
-            "key": key,
-            "epoch": 0,
-            "best_epoch": 0,
-            "best_accuracy": start,
-            "start_accuracy": start,
-            "history": [],
-            "done": False,
-        }
-        best = snapshot()
-        events.info(
-            f"Fine-tune the top {blocks} block(s) on fresh views ({distortion.id}): validation "
-            f"accuracy before {start * 100:5.1f}%"
-        )
+    state, best, resumed = _resume_or_start(checkpoint, key, tuner, items, labels, validation, events)
+    tf = tuner.tf
     writer = (
         tf.summary.create_file_writer(str(summary_dir / "fine_tune"))
         if summary_dir is not None
         else tf.summary.create_noop_writer()
     )
-    rng_seed = _seed(seed, 7)
     try:
-        while not state["done"] and state["epoch"] < max_epochs:
-            epoch = state["epoch"] + 1
-            t = time.perf_counter()
-            order = np.random.default_rng(_seed(rng_seed, epoch)).permutation(train)
-            order = order[: steps_per_epoch * batch_size] if len(order) >= batch_size else order
-            losses, correct = [], 0.0
-            for idx, x in _image_batches(items, order, size, batch_size, distortion, _seed(rng_seed, epoch, 1), pool):
-                loss, hits = step(tf.constant(x), tf.constant(labels[idx], tf.int64))
-                losses.append(float(loss))
-                correct += float(hits)
-            val = accuracy(splits["validation"])
-            record = {
-                "epoch": epoch,
-                "loss": float(np.mean(losses)),
-                "train_accuracy": correct / len(order),
-                "validation_accuracy": val,
-                "seconds": time.perf_counter() - t,
-            }
-            state["history"].append(record)
-            with writer.as_default():
-                tf.summary.scalar("loss", record["loss"], step=epoch)
-                tf.summary.scalar("train_accuracy", record["train_accuracy"], step=epoch)
-                tf.summary.scalar("validation_accuracy", val, step=epoch)
-            events.step(
-                f"Fine-tune epoch {epoch:>2}/{max_epochs}: train accuracy {record['train_accuracy'] * 100:5.1f}%  "
-                f"loss {record['loss']:.4f}  validation accuracy {val * 100:5.1f}%  "
-                f"({record['seconds']:.0f} s, {len(order) / record['seconds']:.0f} img/s)"
-            )
-            if not np.isfinite(record["loss"]):
-                raise FlowerxError(
-                    f"fine-tuning diverged in epoch {epoch} (the loss is not finite): lower "
-                    f"--fine-tune-learning-rate (it is {learning_rate:g}); no model written"
-                )
-            if val > state["best_accuracy"]:
-                state["best_epoch"], state["best_accuracy"], best = epoch, val, snapshot(ema)
-            state["epoch"] = epoch
-            state["done"] = epoch >= max_epochs or epoch - max(state["best_epoch"], max_epochs // 2) >= PATIENCE
-            _save(
-                checkpoint,
-                state,
-                {
-                    "current": snapshot(),
-                    "ema": snapshot(ema),
-                    "best": best,
-                    "optimizer": [v.numpy() for v in optimizer.variables],
-                },
-            )
-        restore(best)
+        while not state["done"] and state["epoch"] < cfg.max_epochs:
+            record = _epoch(tuner, items, labels, train, state["epoch"] + 1, steps)
+            record["validation_accuracy"] = tuner.averaged_accuracy(items, labels, validation)
+            best = _record(state, record, best, tuner, cfg, writer, events)
+            _save(checkpoint, state, tuner.arrays(best))
+        tuner.restore(best)
         test = splits["test"]
-        predictions = predict(test) if len(test) else np.zeros(0, int)
+        predictions = tuner.predict(items, test) if len(test) else np.zeros(0, int)
     finally:
         writer.flush()
-        pool.shutdown(cancel_futures=True)
     return FineTuneResult(
-        w.numpy(),
-        b.numpy(),
+        tuner.w.numpy(),
+        tuner.b.numpy(),
         float(state["best_accuracy"]),
         int(state["best_epoch"]),
         predictions,
-        distortion.id,
+        cfg.views.id,
         state["history"],
+        resumed=resumed,
     )
+
+
+def _resume_or_start(
+    checkpoint: Path, key: str, tuner: _Tuner, items, labels: np.ndarray, validation: np.ndarray, events: Events
+) -> tuple[dict, list[np.ndarray], bool]:
+    """This run's checkpoint put back (state, best weights, True), or a fresh start measured on validation."""
+    loaded = _load(checkpoint, key)
+    if loaded:
+        state, best = loaded[0], tuner.load(loaded[1])
+        events.info(
+            f"Fine-tune: {'finished' if state['done'] else 'resuming'} after epoch {state['epoch']} "
+            f"(checkpoint {checkpoint})"
+        )
+        return state, best, True
+    start = tuner.averaged_accuracy(items, labels, validation)
+    state = {
+        "version": CHECKPOINT_VERSION,
+        "key": key,
+        "epoch": 0,
+        "best_epoch": 0,
+        "best_accuracy": start,
+        "start_accuracy": start,
+        "history": [],
+        "done": False,
+    }
+    events.info(
+        f"Fine-tune the top {tuner.cfg.blocks} block(s) on fresh views ({tuner.cfg.views.id}): validation "
+        f"accuracy before {start * 100:5.1f}%"
+    )
+    return state, tuner.snapshot(), False
+
+
+def _record(state: dict, record: dict, best: list, tuner: _Tuner, cfg: FineTuneConfig, writer, events: Events) -> list:
+    """Log an epoch, keep the best weights so far, decide early stopping; returns the best weights."""
+    epoch, val, tf = record["epoch"], record["validation_accuracy"], tuner.tf
+    state["history"].append(record)
+    with writer.as_default():
+        for name in ("loss", "train_accuracy", "validation_accuracy"):
+            tf.summary.scalar(name, record[name], step=epoch)
+    events.step(
+        f"Fine-tune epoch {epoch:>2}/{cfg.max_epochs}: train accuracy {record['train_accuracy'] * 100:5.1f}%  "
+        f"loss {record['loss']:.4f}  validation accuracy {val * 100:5.1f}%  "
+        f"({record['seconds']:.0f} s, {record['images'] / record['seconds']:.0f} img/s)"
+    )
+    if not np.isfinite(record["loss"]):
+        raise FlowerxError(
+            f"fine-tuning diverged in epoch {epoch} (the loss is not finite): lower "
+            f"--fine-tune-learning-rate (it is {cfg.learning_rate:g}); no model written"
+        )
+    if val > state["best_accuracy"]:
+        state["best_epoch"], state["best_accuracy"], best = epoch, val, tuner.snapshot(tuner.ema)
+    state["epoch"] = epoch
+    state["done"] = epoch >= cfg.max_epochs or epoch - max(state["best_epoch"], cfg.max_epochs // 2) >= cfg.patience
+    return best

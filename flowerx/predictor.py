@@ -6,9 +6,7 @@ own metadata, so callers never guess. Everything read from a model is checked wh
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -17,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .data import RESIZE_RULE, ImageSource, prepare_image
+from .contract import Contract, check_labels
+from .data import ImageSource, prepare_image
 from .errors import FlowerxError
 from .fileio import RefusedFile, check_regular, read_regular
 
 log = logging.getLogger("flowerx")
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
-MAX_INPUT_SIZE = 4096
 MAX_LABELS_FILE = 16 << 20
 
 
@@ -54,22 +52,6 @@ class Prediction(tuple):
         return f"Prediction(label={self.label!r}, score={self.score:.6f}, index={self.index})"
 
 
-class NoMetadataError(FlowerxError):
-    """An ONNX model without flowerx's metadata (labels, input size), and none given."""
-
-
-def check_labels(labels: object, source: str) -> list[str]:
-    """Labels must be a list of distinct, non-empty strings; else one FlowerxError naming their source."""
-    if isinstance(labels, (str, bytes)) or not isinstance(labels, (list, tuple)):
-        raise FlowerxError(f"{source}: labels must be a list of strings, got {type(labels).__name__}")
-    if not labels or not all(isinstance(label, str) and label for label in labels):
-        raise FlowerxError(f"{source}: labels must be non-empty strings")
-    duplicates = sorted({label for label in labels if labels.count(label) > 1})
-    if duplicates:
-        raise FlowerxError(f"{source}: duplicate labels: {', '.join(map(repr, duplicates[:5]))}")
-    return list(labels)
-
-
 def read_labels_file(path: str | os.PathLike) -> list[str]:
     """A labels file: one label per line (UTF-8), blank lines ignored."""
     path = Path(path).expanduser()
@@ -81,33 +63,6 @@ def read_labels_file(path: str | os.PathLike) -> list[str]:
         reason = str(e) if isinstance(e, RefusedFile) else getattr(e, "strerror", None) or e
         raise FlowerxError(f"cannot read labels file {path}: {reason}") from None
     return check_labels([line.strip() for line in text.splitlines() if line.strip()], str(path))
-
-
-def read_training(metadata: dict[str, str], name: str) -> dict:
-    """The model's 'training' record (a JSON object), or {} when there is none."""
-    try:
-        training = json.loads(metadata.get("training") or "{}")
-    except ValueError as e:
-        raise FlowerxError(f"{name}: unreadable 'training' metadata ({e})") from None
-    if not isinstance(training, dict):
-        raise FlowerxError(f"{name}: 'training' metadata is not a JSON object")
-    return training
-
-
-def split_percentages(training: dict, name: str) -> tuple[float, float] | None:
-    """(validation %, testing %) of the training run's split, None when not recorded; checked."""
-    if "testing_percentage" not in training:
-        return None
-    values = training.get("validation_percentage"), training.get("testing_percentage")
-    if (
-        not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v < 100
-            for v in values
-        )
-        or sum(values) >= 100
-    ):
-        raise FlowerxError(f"{name}: the 'training' metadata's split percentages are not valid ({values})")
-    return float(values[0]), float(values[1])
 
 
 def _check_top_k(top_k: object) -> None:
@@ -169,45 +124,14 @@ class Predictor:
 
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self.labels, self.input_size = self._read_contract(labels, input_size)
-        if self.metadata.get("resize", RESIZE_RULE) != RESIZE_RULE:
-            raise FlowerxError(
-                f"{self.path.name} wants resize rule {self.metadata['resize']!r}; flowerx feeds {RESIZE_RULE!r} only"
-            )
         self._input = self.session.get_inputs()[0].name
         self._output = self.session.get_outputs()[0].name
         self.probabilities_out = self._warm_up()
 
     def _read_contract(self, labels: Sequence[str] | None, input_size: int | None) -> tuple[list[str], int]:
         name = self.path.name
-        if labels is not None:
-            labels = check_labels(list(labels) if isinstance(labels, tuple) else labels, "labels")
-        elif "labels" in self.metadata:
-            try:
-                labels = check_labels(json.loads(self.metadata["labels"]), f"{name}'s labels metadata")
-            except ValueError as e:
-                if isinstance(e, FlowerxError):
-                    raise
-                raise FlowerxError(f"{name}: unreadable labels metadata ({e})") from None
-        if input_size is None and "input_size" in self.metadata:
-            try:
-                input_size = int(self.metadata["input_size"])
-            except ValueError:
-                raise FlowerxError(
-                    f"{name}: input_size metadata is not a whole number ({self.metadata['input_size'][:40]!r})"
-                ) from None
-        if labels is None or input_size is None:
-            raise NoMetadataError(
-                f"{name} has no flowerx metadata (labels, input_size): pass labels and input_size "
-                "(--labels FILE --input-size S at the command line)"
-            )
-        if (
-            isinstance(input_size, bool)
-            or not isinstance(input_size, (int, np.integer))
-            or not 1 <= input_size <= MAX_INPUT_SIZE
-        ):
-            raise FlowerxError(
-                f"{name}: the input size must be a whole number from 1 to {MAX_INPUT_SIZE}, got {input_size!r}"
-            )
+        self.contract = Contract.from_metadata(self.metadata, name, labels, input_size)
+        labels, input_size = self.contract.labels, self.contract.input_size
         size = int(input_size)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         shape = inputs[0].shape
@@ -254,7 +178,7 @@ class Predictor:
     def __repr__(self) -> str:
         shown = ", ".join(map(repr, self.labels[:5])) + (", ..." if len(self.labels) > 5 else "")
         return (
-            f"Predictor({str(self.path)!r}, architecture={self.metadata.get('architecture', '?')!r}, "
+            f"Predictor({str(self.path)!r}, architecture={self.contract.architecture or '?'!r}, "
             f"labels=[{shown}] ({len(self.labels)}), input_size={self.input_size}, provider={self.provider!r})"
         )
 

@@ -11,7 +11,8 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +20,14 @@ import numpy as np
 from . import __version__
 from .architectures import Architecture, default_model_dir, get_architecture, resolve_weights, weights_fingerprint
 from .bottlenecks import BottleneckCache, BottleneckStats, get_bottlenecks, stream_session
-from .data import RESIZE_RULE, Distortion, ImageItem, discover, prepare_image, split_names
+from .contract import FEATURES, Contract
+from .data import Dataset, Distortion, ImageItem, discover, prepare_image, split_names
 from .errors import FlowerxError, ImageError
 from .events import QUIET, Events
 from .fileio import atomic_write, check_folder, check_outputs
+from .finetune import FineTuneConfig, FineTuneResult, cut_layer, fine_tune
+from .head import HeadConfig, predict_logits, sample, train_head
+from .quantize import Int8Result
 
 
 def _option(default, help: str, group: str, **more) -> object:
@@ -187,6 +192,27 @@ class TrainConfig:
         return Distortion(self.flip_left_right, self.random_crop, self.random_scale, self.random_brightness)
 
     @property
+    def fine_tune(self) -> FineTuneConfig:
+        return FineTuneConfig(
+            self.fine_tune_blocks,
+            self.fine_tune_learning_rate,
+            self.fine_tune_epochs,
+            distortion=self.distortion,
+            seed=self.seed,
+        )
+
+    @property
+    def head(self) -> HeadConfig:
+        return HeadConfig(
+            self.how_many_training_steps,
+            self.learning_rate,
+            self.train_batch_size,
+            self.eval_step_interval,
+            self.validation_batch_size,
+            self.seed,
+        )
+
+    @property
     def labels_path(self) -> Path:
         graph = Path(self.output_graph).expanduser()
         return (
@@ -229,20 +255,40 @@ def new_run_dir(parent: Path) -> Path:
 
 @dataclass
 class TrainResult:
+    """What a run did, as data (the CLI prints it; `flowerx train --json` writes to_dict())."""
+
     architecture: str
     labels: list[str]
     image_count: int
     split_counts: dict[str, int]
     test_accuracy: float
     test_count: int
-    validation_accuracy: float
+    validation_accuracy: float  # the head's last evaluation, or the kept fine-tuning epoch's
     output_graph: str
     output_labels: str
     bottlenecks: BottleneckStats
-    parity_max_diff: float
+    parity_max_diff: float = float("nan")
     timings: dict[str, float] = field(default_factory=dict)
     misclassified: list[tuple[str, str, str]] = field(default_factory=list)  # (relpath, predicted, true)
-    int8: object | None = None  # quantize.Int8Result when --quantize int8
+    fine_tune: dict | None = None  # kept epoch, epochs run, resumed, ... when fine-tuning
+    int8: Int8Result | None = None  # when --quantize int8
+
+    def to_dict(self) -> dict:
+        """Plain JSON data: NaN becomes None, paths strings."""
+        data = asdict(self)
+        if self.int8 is not None:
+            data["int8"]["path"] = str(self.int8.path)
+        return _json_safe(data)
+
+
+def _json_safe(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 class _Networks:
@@ -287,12 +333,16 @@ class _Networks:
         """The feature network as ONNX (uint8 image -> features), converted once per architecture and
         weights and checked against Keras on real images."""
         if not self.onnx_path.is_file():
+            from exporters import ExportError
             from exporters.onnx_export import FEATURES_ATOL, check_parity, keras_to_onnx
 
             task = f"Preparing {self.arch.name} (one-time export to ONNX)"
             self.events.progress(task, 0, None, "")
-            data = keras_to_onnx(self.keras(), self.arch.input_size, output="features").SerializeToString()
-            check_parity(data, self.keras(), self.sample_images(4), atol=FEATURES_ATOL, top1=False)
+            data = keras_to_onnx(self.keras(), self.arch.input_size, output=FEATURES).SerializeToString()
+            try:
+                check_parity(data, self.keras(), self.sample_images(4), atol=FEATURES_ATOL, top1=False)
+            except ExportError as e:
+                raise FlowerxError(str(e)) from None
             atomic_write(self.onnx_path, data)
             self.events.progress(task, 1, 1, "")
         return self.onnx_path
@@ -318,215 +368,91 @@ def _pass(events: Events, title: str, items, cache: BottleneckCache, make_model:
     )
 
 
-def _sample(indices: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    return indices if size < 0 or size >= len(indices) else rng.choice(indices, size, replace=False)
-
-
-FINE_TUNE_BATCH = 32
-STEPS_PER_CALL = 100  # batches gathered per graph call: bounds memory, whatever the dataset's size
-
-
-def predict_logits(
-    x: np.ndarray, idx: np.ndarray, kernel: np.ndarray, bias: np.ndarray, chunk: int = 65536
-) -> np.ndarray:
-    """Logits of the rows idx of x, a chunk at a time (x may be a memory-mapped file)."""
-    parts = [x[idx[i : i + chunk]] @ kernel + bias for i in range(0, len(idx), chunk)]
-    return np.concatenate(parts) if parts else np.zeros((0, kernel.shape[1]), np.float32)
-
-
-def accuracy_of(x: np.ndarray, y: np.ndarray, idx: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> float:
-    return float((predict_logits(x, idx, kernel, bias).argmax(1) == y[idx]).mean()) if len(idx) else float("nan")
-
-
-def train_head(
-    x: np.ndarray,
-    y: np.ndarray,
-    splits: dict[str, np.ndarray],
-    num_classes: int,
-    cfg: TrainConfig,
-    events: Events,
-    summary_dir: Path | None,
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """Plain mini-batch SGD on a softmax layer (retrain.py's recipe; measured as good as Adam, L2,
-    label smoothing or dropout on these features). Returns (kernel, bias, last validation accuracy).
-    A run whose loss or weights stop being finite (a learning rate far too high) fails at once."""
-    from .backbone import tf
-
-    tf.random.set_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    kernel = tf.Variable(tf.random.truncated_normal([x.shape[1], num_classes], stddev=0.001, seed=cfg.seed))
-    bias = tf.Variable(tf.zeros([num_classes]))
-    optimizer = tf.keras.optimizers.SGD(cfg.learning_rate)
-    train_idx = splits["train"]
-    batch = min(cfg.train_batch_size, len(train_idx))
-
-    @tf.function
-    def run_steps(first: tf.Tensor, xs: tf.Tensor, ys: tf.Tensor):
-        """len(xs) SGD steps inside one graph call (no Python per step), writing train summaries."""
-        loss, accuracy = tf.constant(0.0), tf.constant(0.0)
-        for i in tf.range(tf.shape(xs, out_type=tf.int64)[0]):
-            xb, yb = xs[i], ys[i]
-            with tf.GradientTape() as tape:
-                logits = tf.matmul(xb, kernel) + bias
-                loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(yb, logits))
-            optimizer.apply_gradients(zip(tape.gradient(loss, [kernel, bias]), [kernel, bias]))
-            accuracy = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, 1), yb), tf.float32))
-            tf.summary.scalar("cross_entropy", loss, step=first + i)
-            tf.summary.scalar("accuracy", accuracy, step=first + i)
-        return loss, accuracy
-
-    def evaluate(idx: np.ndarray) -> float:
-        return accuracy_of(x, y, idx, kernel.numpy(), bias.numpy())
-
-    if summary_dir is not None:
-        train_writer = tf.summary.create_file_writer(str(summary_dir / "train"))
-        val_writer = tf.summary.create_file_writer(str(summary_dir / "validation"))
-    else:
-        train_writer = val_writer = tf.summary.create_noop_writer()
-    done, total, val_acc = 0, cfg.how_many_training_steps, float("nan")
-    while done < total:
-        end = min(done + cfg.eval_step_interval, total)
-        while done < end:  # feed at most STEPS_PER_CALL batches at a time: x may be a memory-mapped file
-            count = min(STEPS_PER_CALL, end - done)
-            picks = rng.choice(train_idx, (count, batch))
-            with train_writer.as_default():
-                loss, acc = run_steps(
-                    tf.constant(done, tf.int64),
-                    tf.constant(x[picks.ravel()].reshape(count, batch, -1)),
-                    tf.constant(y[picks], tf.int64),
-                )
-            done += count
-        val_idx = _sample(splits["validation"], cfg.validation_batch_size, rng)
-        val_acc = evaluate(val_idx)
-        with val_writer.as_default():
-            tf.summary.scalar("accuracy", val_acc, step=done - 1)
-        events.step(
-            f"Step {done:>5}/{total}: train accuracy {float(acc) * 100:5.1f}%  cross entropy {float(loss):.4f}  "
-            f"validation accuracy {val_acc * 100:5.1f}% (N={len(val_idx)})"
-        )
-        if not (np.isfinite(float(loss)) and np.isfinite(kernel.numpy()).all() and np.isfinite(bias.numpy()).all()):
-            raise FlowerxError(
-                f"training diverged at step {done} (the loss or the weights are no longer finite): "
-                f"lower --learning-rate (it is {cfg.learning_rate:g}); no model written"
-            )
-    train_writer.flush()
-    val_writer.flush()
-    return kernel.numpy(), bias.numpy(), val_acc
-
-
-def _with_views(
-    cfg: TrainConfig,
-    events: Events,
-    items: Sequence[ImageItem],
-    features: np.ndarray,
-    labels: np.ndarray,
-    splits: dict[str, np.ndarray],
-    cache: BottleneckCache,
-    make_model: Callable,
-    timings: dict[str, float],
-) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """A training set grown by the distorted views of each training image (cached like the bottlenecks):
-    returns (features, labels, splits) with the views' rows appended to the train split."""
-    t = time.perf_counter()
-    train = splits["train"]
-    rows, ys, train_rows, computed = [features], [labels], [train], 0
-    for k in range(1, cfg.distorted_views + 1):
-        view, ok, stats = _pass(
-            events,
-            f"Views {k}/{cfg.distorted_views}",
-            [items[i] for i in train],
-            cache,
-            make_model,
-            cfg.bottleneck_batch_size,
-            view=(cfg.distortion, k),
-        )
-        train_rows.append(sum(map(len, rows)) + np.arange(ok.sum()))
-        rows.append(view[ok])
-        ys.append(labels[train][ok])
-        computed += stats.computed
-    timings["views_s"] = time.perf_counter() - t
-    events.info(
-        f"Distorted views ({cfg.distortion.id}): {cfg.distorted_views} per training image, "
-        f"{computed} computed ({timings['views_s']:.1f} s)"
-    )
-    return np.concatenate(rows), np.concatenate(ys), {**splits, "train": np.concatenate(train_rows)}
-
-
-def _fine_tune(
-    cfg: TrainConfig,
-    events: Events,
-    arch: Architecture,
-    items: Sequence[ImageItem],
-    labels: np.ndarray,
-    splits: dict[str, np.ndarray],
-    kernel: np.ndarray,
-    bias: np.ndarray,
-    networks: _Networks,
-    checkpoint: Path,
-    summary_dir: Path | None,
-    timings: dict[str, float],
-):
-    """Fine-tune the top blocks on fresh views of the images; returns (FineTuneResult, the tuned feature
-    network as ONNX)."""
-    from exporters.onnx_export import keras_to_onnx
-
-    from .finetune import fine_tune
-
-    t = time.perf_counter()
-    tuned = fine_tune(
-        networks.base(),
-        networks.keras(),
-        arch,
-        cfg.fine_tune_blocks,
-        items,
-        labels,
-        splits,
-        kernel,
-        bias,
-        cfg.distortion,
-        cfg.fine_tune_learning_rate,
-        cfg.fine_tune_epochs,
-        FINE_TUNE_BATCH,
-        cfg.seed,
-        checkpoint,
-        events,
-        summary_dir,
-        key_parts={
-            "head": [
-                cfg.how_many_training_steps,
-                cfg.learning_rate,
-                cfg.train_batch_size,
-                cfg.distortion.id,
-                cfg.distorted_views,
-            ]
-        },
-    )
-    timings["fine_tune_s"] = time.perf_counter() - t
-    if tuned.epochs:
-        events.info(
-            f"Fine-tuned the top {cfg.fine_tune_blocks} block(s): kept epoch {tuned.epochs} (validation "
-            f"accuracy {tuned.validation_accuracy * 100:.1f}%, {timings['fine_tune_s']:.1f} s)"
-        )
-    else:
-        events.info(
-            "Fine-tuning never beat the head alone on validation accuracy: kept the head alone "
-            f"({timings['fine_tune_s']:.1f} s)"
-        )
-    return tuned, keras_to_onnx(networks.keras(), arch.input_size, output="features") if tuned.epochs else None
-
-
 MIN_SPLIT = 20  # a validation or test split smaller than this gets a warning: one image moves it 5+ points
+NOT_RECORDED = ("image_dir", "model_dir", "bottleneck_dir")  # where things are, not what the model is
+
+
+@dataclass
+class _Job:
+    """What the steps of one training run share."""
+
+    cfg: TrainConfig
+    events: Events
+    arch: Architecture
+    dataset: Dataset
+    cache: BottleneckCache
+    networks: _Networks
+    summary_dir: Path | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, name: str):
+        t = time.perf_counter()
+        yield
+        self.timings[name] = time.perf_counter() - t
 
 
 def run(cfg: TrainConfig, events: Events = QUIET) -> TrainResult:
-    """The whole job: data -> bottlenecks -> head -> test accuracy -> ONNX export. Reports through events."""
-    cfg.check()
-    timings: dict[str, float] = {}
+    """The whole job, step by step: data and weights -> bottlenecks -> split -> (views) -> head ->
+    (fine-tuning) -> test accuracy -> ONNX export -> (int8). Reports through events; never prints."""
     start = time.perf_counter()
+    job = _prepare(cfg, events)
+    with job.timed("bottlenecks_s"):
+        features, ok, stats = _bottlenecks(job)
+    labels = np.array([item.label for item in job.dataset.items])
+    splits = _split(job, labels, ok)
+    kernel, bias, val_acc = _head(job, features, labels, splits)
+    test_idx = sample(splits["test"], cfg.test_batch_size, np.random.default_rng(cfg.seed + 1))
+    predicted = predict_logits(features, test_idx, kernel, bias).argmax(1)
+    tuned, features_proto = None, None  # the cached features.onnx, unless fine-tuning changed the network
+    if cfg.fine_tune_blocks:
+        tuned, features_proto = _fine_tune(job, labels, {**splits, "test": test_idx}, kernel, bias)
+        kernel, bias, val_acc, predicted = tuned.kernel, tuned.bias, tuned.validation_accuracy, tuned.test_predictions
+    test_acc = float((predicted == labels[test_idx]).mean()) if len(test_idx) else float("nan")
+    result = TrainResult(
+        architecture=job.arch.name,
+        labels=job.dataset.labels,
+        image_count=int(ok.sum()),
+        split_counts={k: int(len(v)) for k, v in splits.items()},
+        test_accuracy=test_acc,
+        test_count=int(len(test_idx)),
+        validation_accuracy=val_acc,
+        output_graph=str(cfg.output_graph),
+        output_labels=str(cfg.labels_path),
+        bottlenecks=stats,
+        timings=job.timings,
+        misclassified=[
+            (job.dataset.items[i].relpath, job.dataset.labels[p], job.dataset.labels[labels[i]])
+            for i, p in zip(test_idx, predicted)
+            if p != labels[i]
+        ],
+        fine_tune=_fine_tune_record(cfg, tuned),
+    )
+    with job.timed("export_s"):
+        result.parity_max_diff = _export(job, result, splits, kernel, bias, features_proto)
+    if cfg.quantize == "int8":
+        from .quantize import export_int8
+
+        with job.timed("int8_s"):
+            result.int8 = export_int8(
+                cfg.output_graph,
+                cfg.image_dir,
+                cfg.max_accuracy_drop,
+                events,
+                cfg.how_many_training_steps,
+                cfg.learning_rate,
+                cfg.seed,
+                cfg.follow_links,
+            )
+    job.timings["total_s"] = time.perf_counter() - start
+    return result
+
+
+def _prepare(cfg: TrainConfig, events: Events) -> _Job:
+    """Everything that can fail fast, before any long work: settings, output paths, data, weights."""
+    cfg.check()
     arch = get_architecture(cfg.architecture)
     if cfg.fine_tune_blocks:
-        from .finetune import cut_layer
-
         cut_layer(arch, cfg.fine_tune_blocks)  # an impossible block count fails now, not after the bottlenecks
     cfg.check_paths()
     dataset = discover(cfg.image_dir, cfg.follow_links)
@@ -534,31 +460,40 @@ def run(cfg: TrainConfig, events: Events = QUIET) -> TrainResult:
         events.warning(f"skipping folder {name}/: {why}")
     weights = resolve_weights(
         arch, cfg.model_dir, lambda done, total: events.progress(f"Downloading {arch.weights_file}", done, total, "B")
-    )  # fail fast, before any long work
+    )
     cfg.check_paths(weights)
     events.info(
         f"{arch.name}: {len(dataset.items)} images in {len(dataset.labels)} classes "
         f"({', '.join(dataset.labels)})" + (" (split given by its train/val/test folders)" if dataset.presplit else "")
     )
     events.detail(f"weights {weights}; bottleneck cache {cfg.bottleneck_dir}")
-
-    # Bottlenecks: cached where possible, computed in batches otherwise.
-    weights_id = weights_fingerprint(weights)
-    cache = BottleneckCache(cfg.bottleneck_dir, arch, weights_id)
+    cache = BottleneckCache(cfg.bottleneck_dir, arch, weights_fingerprint(weights))
+    summary_dir = None
+    if cfg.summaries_dir:
+        summary_dir = new_run_dir(Path(cfg.summaries_dir).expanduser() / (cfg.experiment_name or arch.name))
+        events.detail(f"TensorBoard summaries in {summary_dir}")
     networks = _Networks(arch, weights, cache.dir, dataset.items, events)
+    return _Job(cfg, events, arch, dataset, cache, networks, summary_dir)
+
+
+def _bottlenecks(job: _Job) -> tuple[np.ndarray, np.ndarray, BottleneckStats]:
+    """Every image's bottleneck: cached where possible, computed in batches otherwise."""
     t = time.perf_counter()
     features, ok, stats = _pass(
-        events, "Bottlenecks", dataset.items, cache, networks.batch_fn, cfg.bottleneck_batch_size
+        job.events, "Bottlenecks", job.dataset.items, job.cache, job.networks.batch_fn, job.cfg.bottleneck_batch_size
     )
-    timings["bottlenecks_s"] = time.perf_counter() - t
-    events.info(
+    job.events.info(
         f"Bottlenecks: {stats.cached} cached, {stats.computed} computed"
         + (f", {stats.corrupt} damaged entries recomputed" if stats.corrupt else "")
         + (f", {len(stats.failed)} images skipped" if stats.failed else "")
-        + f" ({timings['bottlenecks_s']:.1f} s)"
+        + f" ({time.perf_counter() - t:.1f} s)"
     )
+    return features, ok, stats
 
-    labels = np.array([item.label for item in dataset.items])
+
+def _split(job: _Job, labels: np.ndarray, ok: np.ndarray) -> dict[str, np.ndarray]:
+    """The readable images' train/validation/test indices, with a warning for what cannot mean much."""
+    cfg, dataset, events = job.cfg, job.dataset, job.events
     names = split_names(dataset.items, cfg.validation_percentage, cfg.testing_percentage)
     splits = {s: np.flatnonzero((names == s) & ok) for s in ("train", "validation", "test")}
     if len(splits["train"]) == 0:
@@ -574,129 +509,162 @@ def run(cfg: TrainConfig, events: Events = QUIET) -> TrainResult:
             )
     if cfg.fine_tune_blocks and not len(splits["validation"]):
         raise FlowerxError("fine-tuning stops early on validation accuracy: it needs --validation-percentage > 0")
-    head_x, head_y, head_splits = features, labels, splits
-    if cfg.distortion.active:
-        head_x, head_y, head_splits = _with_views(
-            cfg, events, dataset.items, features, labels, splits, cache, networks.batch_fn, timings
+    return splits
+
+
+def _head(
+    job: _Job, features: np.ndarray, labels: np.ndarray, splits: dict[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """The softmax layer on the bottlenecks (and the distorted views', when a distortion is on)."""
+    x, y, head_splits = features, labels, splits
+    if job.cfg.distortion.active:
+        with job.timed("views_s"):
+            x, y, head_splits = _with_views(job, features, labels, splits)
+    with job.timed("head_s"):
+        return train_head(x, y, head_splits, len(job.dataset.labels), job.cfg.head, job.events, job.summary_dir)
+
+
+def _with_views(
+    job: _Job, features: np.ndarray, labels: np.ndarray, splits: dict[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """A training set grown by the distorted views of each training image (cached like the bottlenecks):
+    returns (features, labels, splits) with the views' rows appended to the train split."""
+    cfg, items, t = job.cfg, job.dataset.items, time.perf_counter()
+    train = splits["train"]
+    rows, ys, train_rows, computed = [features], [labels], [train], 0
+    for k in range(1, cfg.distorted_views + 1):
+        view, ok, stats = _pass(
+            job.events,
+            f"Views {k}/{cfg.distorted_views}",
+            [items[i] for i in train],
+            job.cache,
+            job.networks.batch_fn,
+            cfg.bottleneck_batch_size,
+            view=(cfg.distortion, k),
         )
+        train_rows.append(sum(map(len, rows)) + np.arange(ok.sum()))
+        rows.append(view[ok])
+        ys.append(labels[train][ok])
+        computed += stats.computed
+    job.events.info(
+        f"Distorted views ({cfg.distortion.id}): {cfg.distorted_views} per training image, "
+        f"{computed} computed ({time.perf_counter() - t:.1f} s)"
+    )
+    return np.concatenate(rows), np.concatenate(ys), {**splits, "train": np.concatenate(train_rows)}
 
-    # The softmax layer, with TensorBoard summaries.
-    summary_dir = None
-    if cfg.summaries_dir:
-        summary_dir = new_run_dir(Path(cfg.summaries_dir).expanduser() / (cfg.experiment_name or arch.name))
-        events.detail(f"TensorBoard summaries in {summary_dir}")
-    t = time.perf_counter()
-    kernel, bias, val_acc = train_head(head_x, head_y, head_splits, len(dataset.labels), cfg, events, summary_dir)
-    timings["head_s"] = time.perf_counter() - t
 
-    rng = np.random.default_rng(cfg.seed + 1)
-    test_idx = _sample(splits["test"], cfg.test_batch_size, rng)
-    predicted = predict_logits(features, test_idx, kernel, bias).argmax(1)
-    features_proto = None  # the cached features.onnx, unless fine-tuning changed the network
-    fine_tune_info = None
-    if cfg.fine_tune_blocks:
-        checkpoint = cache.dir / f"fine-tune-{Path(cfg.output_graph).stem}.npz"
-        tuned, features_proto = _fine_tune(
-            cfg,
-            events,
-            arch,
-            dataset.items,
+def _fine_tune(job: _Job, labels: np.ndarray, splits: dict[str, np.ndarray], kernel: np.ndarray, bias: np.ndarray):
+    """Fine-tune the top blocks on fresh views of the images; returns (FineTuneResult, the tuned feature
+    network as ONNX, or None when no epoch beat the head alone)."""
+    from exporters.onnx_export import keras_to_onnx
+
+    cfg, networks, events = job.cfg, job.networks, job.events
+    checkpoint = job.cache.dir / f"fine-tune-{Path(cfg.output_graph).stem}.npz"
+    head_key = [
+        cfg.how_many_training_steps,
+        cfg.learning_rate,
+        cfg.train_batch_size,
+        cfg.distortion.id,
+        cfg.distorted_views,
+    ]  # the head's starting point, part of the checkpoint's key
+    with job.timed("fine_tune_s"):
+        tuned = fine_tune(
+            networks.base(),
+            networks.keras(),
+            job.arch,
+            cfg.fine_tune,
+            job.dataset.items,
             labels,
-            {**splits, "test": test_idx},
+            splits,
             kernel,
             bias,
-            networks,
             checkpoint,
-            summary_dir,
-            timings,
+            events,
+            job.summary_dir,
+            key_parts={"head": head_key},
         )
-        kernel, bias, val_acc, predicted = tuned.kernel, tuned.bias, tuned.validation_accuracy, tuned.test_predictions
-        fine_tune_info = {
-            "blocks": cfg.fine_tune_blocks,
-            "kept_epoch": tuned.epochs,
-            "epochs_run": len(tuned.history),
-            "learning_rate": cfg.fine_tune_learning_rate,
-            "distortion": tuned.distortion,
-        }
-    test_acc = float((predicted == labels[test_idx]).mean()) if len(test_idx) else float("nan")
-    misclassified = [
-        (dataset.items[i].relpath, dataset.labels[p], dataset.labels[labels[i]])
-        for i, p in zip(test_idx, predicted)
-        if p != labels[i]
-    ]
+    seconds = job.timings["fine_tune_s"]
+    if tuned.epochs:
+        events.info(
+            f"Fine-tuned the top {cfg.fine_tune_blocks} block(s): kept epoch {tuned.epochs} (validation "
+            f"accuracy {tuned.validation_accuracy * 100:.1f}%, {seconds:.1f} s)"
+        )
+        return tuned, keras_to_onnx(networks.keras(), job.arch.input_size, output=FEATURES)
+    events.info(f"Fine-tuning never beat the head alone on validation accuracy: kept the head alone ({seconds:.1f} s)")
+    return tuned, None
 
-    # Export base + head as one ONNX file, checked against Keras on real validation images.
-    t = time.perf_counter()
+
+def _fine_tune_record(cfg: TrainConfig, tuned: FineTuneResult | None) -> dict | None:
+    if tuned is None:
+        return None
+    return {
+        "blocks": cfg.fine_tune_blocks,
+        "kept_epoch": tuned.epochs,
+        "epochs_run": len(tuned.history),
+        "learning_rate": cfg.fine_tune_learning_rate,
+        "distortion": tuned.distortion,
+        "resumed": tuned.resumed,
+        "validation_accuracy": _rounded(tuned.validation_accuracy),
+    }
+
+
+def _rounded(value: float) -> float | None:
+    return round(float(value), 6) if math.isfinite(value) else None
+
+
+def training_record(cfg: TrainConfig, result: TrainResult, presplit: bool) -> dict:
+    """The run as the model's `training` metadata: its figures and every setting that shaped the model."""
+    return {
+        "test_accuracy": _rounded(result.test_accuracy) if result.test_count else None,
+        "test_count": result.test_count,
+        "validation_accuracy": _rounded(result.validation_accuracy),
+        "image_count": result.image_count,
+        "split_counts": result.split_counts,
+        "testing_percentage": cfg.testing_percentage,
+        "validation_percentage": cfg.validation_percentage,
+        "split": "folders" if presplit else "hash",
+        "steps": cfg.how_many_training_steps,
+        "learning_rate": cfg.learning_rate,
+        "distortion": cfg.distortion.id if cfg.distortion.active else None,
+        "fine_tune_blocks": cfg.fine_tune_blocks,
+        "fine_tune": result.fine_tune,
+        "config": {
+            f.name: getattr(cfg, f.name)
+            for f in fields(cfg)
+            if f.name not in NOT_RECORDED and f.metadata["group"] != "output"
+        },
+        "trained_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _export(job: _Job, result: TrainResult, splits: dict[str, np.ndarray], kernel, bias, features_proto) -> float:
+    """Base + head as one ONNX file with its contract, checked against Keras on real images, then written
+    (with its labels file) atomically. Returns the parity check's max difference."""
     import onnx
 
+    from exporters import ExportError
     from exporters.onnx_export import append_head, export
 
     from .backbone import build_classifier
 
-    model = build_classifier(networks.keras(), kernel, bias)
+    arch, items = job.arch, job.dataset.items
+    model = build_classifier(job.networks.keras(), kernel, bias)
     check_idx = (list(splits["validation"]) + list(splits["train"]))[:8]
-    check_images = np.stack([prepare_image(dataset.items[i].path, arch.input_size) for i in check_idx])
-    combined = append_head(features_proto or onnx.load(str(networks.features_onnx())), kernel, bias)
-    metadata = {
-        "labels": dataset.labels,
-        "input_size": str(arch.input_size),
-        "architecture": arch.name,
-        "resize": RESIZE_RULE,
-        "input_mean": str(arch.mean),
-        "input_std": str(arch.std),
-        "flowerx_version": __version__,
-        "training": {
-            "test_accuracy": round(test_acc, 6) if len(test_idx) else None,
-            "test_count": int(len(test_idx)),
-            "validation_accuracy": round(val_acc, 6) if val_acc == val_acc else None,
-            "image_count": int(ok.sum()),
-            "split_counts": {k: int(len(v)) for k, v in splits.items()},
-            "testing_percentage": cfg.testing_percentage,
-            "validation_percentage": cfg.validation_percentage,
-            "split": "folders" if dataset.presplit else "hash",
-            "steps": cfg.how_many_training_steps,
-            "learning_rate": cfg.learning_rate,
-            "distortion": cfg.distortion.id if cfg.distortion.active else None,
-            "fine_tune_blocks": cfg.fine_tune_blocks,
-            "fine_tune": fine_tune_info,
-            "trained_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        },
-    }
-    data, diff = export(model, arch.input_size, metadata, check_images, proto=combined)
-    atomic_write(cfg.output_graph, data)
-    atomic_write(cfg.labels_path, ("\n".join(dataset.labels) + "\n").encode())
-    timings["export_s"] = time.perf_counter() - t
-    int8 = None
-    if cfg.quantize == "int8":
-        from .quantize import export_int8
-
-        t = time.perf_counter()
-        int8 = export_int8(
-            cfg.output_graph,
-            cfg.image_dir,
-            cfg.max_accuracy_drop,
-            events,
-            cfg.how_many_training_steps,
-            cfg.learning_rate,
-            cfg.seed,
-            cfg.follow_links,
-        )
-        timings["int8_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - start
-
-    return TrainResult(
+    check_images = np.stack([prepare_image(items[i].path, arch.input_size) for i in check_idx])
+    combined = append_head(features_proto or onnx.load(str(job.networks.features_onnx())), kernel, bias)
+    contract = Contract(
+        labels=job.dataset.labels,
+        input_size=arch.input_size,
         architecture=arch.name,
-        labels=dataset.labels,
-        image_count=int(ok.sum()),
-        split_counts={k: int(len(v)) for k, v in splits.items()},
-        test_accuracy=test_acc,
-        test_count=int(len(test_idx)),
-        validation_accuracy=val_acc,
-        output_graph=str(cfg.output_graph),
-        output_labels=str(cfg.labels_path),
-        bottlenecks=stats,
-        parity_max_diff=diff,
-        timings=timings,
-        misclassified=misclassified,
-        int8=int8,
+        input_mean=arch.mean,
+        input_std=arch.std,
+        flowerx_version=__version__,
+        training=training_record(job.cfg, result, job.dataset.presplit),
     )
+    try:
+        data, diff = export(model, arch.input_size, contract.to_metadata(), check_images, proto=combined)
+    except ExportError as e:
+        raise FlowerxError(str(e)) from None
+    atomic_write(job.cfg.output_graph, data)
+    atomic_write(job.cfg.labels_path, ("\n".join(job.dataset.labels) + "\n").encode())
+    return diff

@@ -5,9 +5,9 @@ import pytest
 
 pytest.importorskip("tf2onnx")
 
+from exporters import ExportError  # noqa: E402
 from exporters.onnx_export import check_parity, export  # noqa: E402
 from flowerx.backbone import keras  # noqa: E402  (imports TensorFlow quietly)
-from flowerx.errors import FlowerxError  # noqa: E402
 
 
 def tiny_model(seed: int):
@@ -29,5 +29,5 @@ def test_export_writes_contract_and_refuses_a_mismatch():
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta == {"labels": '["a", "b", "c", "d"]', "input_size": "8"}
-    with pytest.raises(FlowerxError, match="disagrees with Keras"):
+    with pytest.raises(ExportError, match="disagrees with Keras"):
         check_parity(data, tiny_model(1), images)

@@ -91,11 +91,12 @@ def test_non_finite_flags_are_refused_up_front(two_classes, flag, value):
 
 
 def test_parity_check_refuses_nan_outputs(tmp_path):
+    from exporters import ExportError
     from exporters.onnx_export import check_parity
 
     data = write_tiny_model(tmp_path / "m.onnx").read_bytes()
     images = np.zeros((2, 8, 8, 3), np.uint8)
-    with pytest.raises(FlowerxError, match="not finite"):
+    with pytest.raises(ExportError, match="not finite"):
         check_parity(data, lambda x, training=False: np.full((2, 3), np.nan, np.float32), images)
 
 
@@ -684,12 +685,19 @@ def test_presplit_training_quiet_with_small_split_warnings(shared, tmp_path):
         str(graph),
         "--how-many-training-steps",
         "50",
+        "--json",
+        str(tmp_path / "result.json"),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Step" not in result.stdout and "Bottlenecks" not in result.stdout  # -q: no step lines, no bars
     assert "warning: only 4 validation images" in result.stdout and "warning: only 4 test images" in result.stdout
     assert "Final test accuracy" in result.stdout and "(N=4)" in result.stdout
     assert (tmp_path / "out" / "flowers.labels.txt").read_text().split() == ["daisy", "roses"]
+    record = json.loads((tmp_path / "result.json").read_text())  # what the benchmarks read (issue 11)
+    assert record["test_count"] == 4 and record["split_counts"] == {"train": 16, "validation": 4, "test": 4}
+    assert 0 <= record["test_accuracy"] <= 1 and record["timings"]["bottlenecks_s"] > 0 and record["int8"] is None
+    config = json.loads(Predictor(graph).metadata["training"])["config"]
+    assert config["how_many_training_steps"] == 50 and config["seed"] == 0 and "output_graph" not in config
     evaluated = run_cli("evaluate", "--graph", str(graph), "--image-dir", str(data), "--split", "test", "--json")
     assert evaluated.returncode == 0 and json.loads(evaluated.stdout)["count"] == 4, evaluated.stderr
 

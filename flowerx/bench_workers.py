@@ -1,9 +1,9 @@
-"""Benchmark workers, each run in its own process by `flowerx bench` (flowerx/bench.py).
+"""flowerx bench's workers, each run in its own process by `flowerx bench` (flowerx/bench.py).
 
-  python -m benchmarks.workers prepare  ...  build one model in every runtime's format (TensorFlow)
-  python -m benchmarks.workers measure  ...  time one runtime on one model; prints one JSON line
-  python -m benchmarks.workers tf-classify  the TensorFlow counterpart of `flowerx classify one.jpg`
-  python -m benchmarks.workers per-image-loop  retrain.py's bottleneck loop (baseline of train_speed.py)
+  python -m flowerx.bench_workers prepare  ...  build one model in every runtime's format (TensorFlow)
+  python -m flowerx.bench_workers measure  ...  time one runtime on one model; prints one JSON line
+  python -m flowerx.bench_workers tf-classify  the TensorFlow counterpart of `flowerx classify one.jpg`
+  python -m flowerx.bench_workers per-image-loop  retrain.py's bottleneck loop (baseline of train_speed.py)
 
 One process per runtime: TensorFlow loaded in the same process slows onnxruntime down, and peak memory is
 only meaningful per process.
@@ -64,15 +64,19 @@ def prepare(args: argparse.Namespace) -> None:
     labels = [f"class_{i}" for i in range(args.classes)]
     if not args.graph:
         from exporters.onnx_export import export
+        from flowerx import __version__
+        from flowerx.contract import Contract
 
-        metadata = {
-            "labels": labels,
-            "input_size": str(arch.input_size),
-            "architecture": arch.name,
-            "resize": "bilinear",
-            "weights": "imagenet" if real else "random",
-        }
-        data, _ = export(model, arch.input_size, metadata, images[:4])
+        contract = Contract(
+            labels,
+            arch.input_size,
+            arch.name,
+            input_mean=arch.mean,
+            input_std=arch.std,
+            flowerx_version=__version__,
+            extra={"weights": "imagenet" if real else "random"},
+        )
+        data, _ = export(model, arch.input_size, contract.to_metadata(), images[:4])
         atomic_write(out / "model.onnx", data)
 
     model.export(str(out / "savedmodel"), format="tf_saved_model", verbose=False)  # endpoint `serve`
@@ -204,7 +208,7 @@ def per_image_loop(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.workers")
+    parser = argparse.ArgumentParser(prog="python -m flowerx.bench_workers")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare")
     p.add_argument("--arch", required=True)

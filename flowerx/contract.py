@@ -1,0 +1,177 @@
+"""The flowerx model contract: what an exported ONNX file promises the apps that run it.
+
+  input  `image`: uint8 [N, S, S, 3] RGB, the whole image resized to S x S (bilinear); normalised inside.
+  output `probs`: float32 [N, num_classes], softmax, in label order.
+  metadata_props: labels (JSON list), input_size, architecture, resize, input_mean/input_std (applied
+  inside the graph), flowerx_version, training (JSON record of the run), quantization (int8 models).
+
+`Contract` is the one typed description of it: training and int8 export write it (`to_metadata`), the
+Predictor, evaluate and bench read it (`from_metadata`), and every check of what a model carries is here.
+No onnx or onnxruntime import: a ModelProto's metadata is read with `metadata_of`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+# Tensor and node names of the graph, defined by the exporters that write it (exporters imports no flowerx).
+from exporters.names import FEATURES, HEAD_BIAS, HEAD_KERNEL, HEAD_MATMUL, HEAD_PREFIX, INPUT, OUTPUT  # noqa: F401
+
+from .errors import FlowerxError
+
+RESIZE_RULE = "bilinear"  # the whole image to S x S, no crop
+MAX_INPUT_SIZE = 4096
+KNOWN_KEYS = (
+    "labels",
+    "input_size",
+    "architecture",
+    "resize",
+    "input_mean",
+    "input_std",
+    "flowerx_version",
+    "training",
+    "quantization",
+)
+
+
+class NoMetadataError(FlowerxError):
+    """An ONNX model without flowerx's metadata (labels, input size), and none given."""
+
+
+def check_labels(labels: object, source: str) -> list[str]:
+    """Labels must be a list of distinct, non-empty strings; else one FlowerxError naming their source."""
+    if isinstance(labels, (str, bytes)) or not isinstance(labels, (list, tuple)):
+        raise FlowerxError(f"{source}: labels must be a list of strings, got {type(labels).__name__}")
+    if not labels or not all(isinstance(label, str) and label for label in labels):
+        raise FlowerxError(f"{source}: labels must be non-empty strings")
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise FlowerxError(f"{source}: duplicate labels: {', '.join(map(repr, duplicates[:5]))}")
+    return list(labels)
+
+
+def check_input_size(size: object, source: str) -> int:
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_INPUT_SIZE:
+        raise FlowerxError(f"{source}: the input size must be a whole number from 1 to {MAX_INPUT_SIZE}, got {size!r}")
+    return size
+
+
+@dataclass
+class Contract:
+    """What a flowerx model carries besides its graph."""
+
+    labels: list[str]
+    input_size: int
+    architecture: str = ""
+    resize: str = RESIZE_RULE
+    input_mean: float | None = None  # applied inside the graph: a client never normalises
+    input_std: float | None = None
+    flowerx_version: str = ""
+    training: dict = field(default_factory=dict)  # the run's record: accuracies, split, configuration
+    quantization: str | None = None  # how an int8 model was made; None for a float model
+    extra: dict[str, str] = field(default_factory=dict)  # metadata keys flowerx does not know, kept as they are
+
+    def to_metadata(self) -> dict[str, str]:
+        """The ONNX metadata_props (strings; lists and dicts as JSON), as the contract documents them."""
+        values = {
+            "labels": json.dumps(self.labels),
+            "input_size": str(self.input_size),
+            "architecture": self.architecture,
+            "resize": self.resize,
+            "input_mean": self.input_mean,
+            "input_std": self.input_std,
+            "flowerx_version": self.flowerx_version,
+            "training": json.dumps(self.training) if self.training else None,
+            "quantization": self.quantization,
+        }
+        return {**self.extra, **{k: str(v) for k, v in values.items() if v not in (None, "")}}
+
+    @classmethod
+    def from_metadata(
+        cls, meta: dict[str, str], name: str, labels: list[str] | None = None, input_size: int | None = None
+    ) -> Contract:
+        """The contract of a model's metadata; labels / input_size stand in for a model without metadata.
+        Anything malformed is one FlowerxError naming the model and the key."""
+        if labels is not None:
+            labels = check_labels(list(labels) if isinstance(labels, tuple) else labels, "labels")
+        elif "labels" in meta:
+            try:
+                labels = check_labels(json.loads(meta["labels"]), f"{name}'s labels metadata")
+            except json.JSONDecodeError as e:
+                raise FlowerxError(f"{name}: unreadable labels metadata ({e})") from None
+        if input_size is None and "input_size" in meta:
+            try:
+                input_size = int(meta["input_size"])
+            except ValueError:
+                raise FlowerxError(
+                    f"{name}: input_size metadata is not a whole number ({meta['input_size'][:40]!r})"
+                ) from None
+        if labels is None or input_size is None:
+            raise NoMetadataError(
+                f"{name} has no flowerx metadata (labels, input_size): pass labels and input_size "
+                "(--labels FILE --input-size S at the command line)"
+            )
+        resize = meta.get("resize", RESIZE_RULE)
+        if resize != RESIZE_RULE:
+            raise FlowerxError(f"{name} wants resize rule {resize!r}; flowerx feeds {RESIZE_RULE!r} only")
+        return cls(
+            labels=[str(label) for label in labels],
+            input_size=check_input_size(int(input_size) if not isinstance(input_size, bool) else input_size, name),
+            architecture=meta.get("architecture", ""),
+            resize=resize,
+            input_mean=_float(meta, "input_mean", name),
+            input_std=_float(meta, "input_std", name),
+            flowerx_version=meta.get("flowerx_version", ""),
+            training=read_training(meta, name),
+            quantization=meta.get("quantization"),
+            extra={k: v for k, v in meta.items() if k not in KNOWN_KEYS},
+        )
+
+    def split_percentages(self, name: str) -> tuple[float, float] | None:
+        """(validation %, testing %) of the training run's hash split; None when not recorded."""
+        return split_percentages(self.training, name)
+
+    @property
+    def split_by_folders(self) -> bool:
+        """Whether the run's split came from train/, val/, test/ folders."""
+        return self.training.get("split") == "folders"
+
+
+def _float(meta: dict[str, str], key: str, name: str) -> float | None:
+    if key not in meta:
+        return None
+    try:
+        return float(meta[key])
+    except ValueError:
+        raise FlowerxError(f"{name}: {key} metadata is not a number ({meta[key][:40]!r})") from None
+
+
+def read_training(metadata: dict[str, str], name: str) -> dict:
+    """The model's 'training' record (a JSON object), or {} when there is none."""
+    try:
+        training = json.loads(metadata.get("training") or "{}")
+    except ValueError as e:
+        raise FlowerxError(f"{name}: unreadable 'training' metadata ({e})") from None
+    if not isinstance(training, dict):
+        raise FlowerxError(f"{name}: 'training' metadata is not a JSON object")
+    return training
+
+
+def split_percentages(training: dict, name: str) -> tuple[float, float] | None:
+    """(validation %, testing %) of the training run's split, None when not recorded; checked."""
+    if "testing_percentage" not in training:
+        return None
+    values = training.get("validation_percentage"), training.get("testing_percentage")
+    valid = all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v < 100 for v in values
+    )
+    if not valid or sum(values) >= 100:
+        raise FlowerxError(f"{name}: the 'training' metadata's split percentages are not valid ({values})")
+    return float(values[0]), float(values[1])
+
+
+def metadata_of(proto) -> dict[str, str]:
+    """The metadata_props of an onnx ModelProto as a dict."""
+    return {entry.key: entry.value for entry in proto.metadata_props}
