@@ -51,3 +51,34 @@ def test_quantize_int8_writes_a_faithful_smaller_model_or_refuses(shared, tmp_pa
 
     refused = run_cli("export-int8", "--graph", str(graph), "--image-dir", str(data), "--max-accuracy-drop", "-100")
     assert refused.returncode == 1 and "int8 model not written" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_calibration_uses_every_batch(tmp_path):
+    """onnxruntime 1.32 drops batches at CalibMaxIntermediateOutputs without folding them into the ranges
+    (and fails on an even number of batches): flowerx must calibrate on all of its images."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from exporters.int8 import quantize_features
+
+    weights = numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["image"], ["x"], to=TensorProto.FLOAT),
+            helper.make_node("Transpose", ["x"], ["nchw"], perm=[0, 3, 1, 2]),
+            helper.make_node("Conv", ["nchw", "w"], ["conv"]),
+            helper.make_node("ReduceMean", ["conv"], ["features"], axes=[2, 3], keepdims=0),
+        ],
+        "features",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 8, 8, 3])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 4])],
+        [weights],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    bright = np.full((8, 8, 8, 3), 250, np.uint8)  # only the first of two batches is bright
+    dark = np.random.default_rng(1).integers(0, 10, (8, 8, 8, 3), dtype=np.uint8)
+    quantized = onnx.load_from_string(quantize_features(model, np.concatenate([bright, dark])))
+    scales = {i.name: numpy_helper.to_array(i) for i in quantized.graph.initializer if i.name.endswith("_scale")}
+    scale = next(float(v) for k, v in scales.items() if k.startswith("nchw") or k.startswith("x_"))
+    assert scale > 250 / 255 * 0.9, scales  # the bright batch counted (alone, the dark one gives ~10/255)
