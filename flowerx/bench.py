@@ -310,8 +310,8 @@ def _sample_image(cfg: BenchConfig) -> Path:
 def run(cfg: BenchConfig, on_step: Callable[[str, int, int], None] = lambda s, done, total: None) -> BenchReport:
     """Prepare every model, measure every (model, runtime, threads), then accuracy and end to end.
     The work is planned first as a list of steps, so on_step(description, steps done, total) always adds up."""
-    if cfg.runs <= 0 or cfg.seconds <= 0 or cfg.batch <= 0 or any(t <= 0 for t in cfg.threads):
-        raise FlowerxError("--runs, --seconds, --batch and --threads must be positive")
+    if cfg.runs <= 0 or not 0 < cfg.seconds < 3600 or cfg.batch <= 0 or any(t <= 0 for t in cfg.threads):
+        raise FlowerxError("--runs, --batch and --threads must be positive, --seconds from 0 to 3600")
     models = _plan_models(cfg)
     rows: list[Row] = []
     end_to_end: list[dict] = []

@@ -48,7 +48,8 @@ out = Console(
 )
 err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ud800-\udfff]")
+# Control characters, line separators, bidi embeddings/overrides/isolates, undecodable bytes (surrogates).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 def _escape_char(match: re.Match) -> str:
@@ -161,8 +162,9 @@ def _normalize_flags(argv: list[str]) -> list[str]:
     return fixed
 
 
-def _common() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+def _common(common: argparse.ArgumentParser | None = None, default: object = argparse.SUPPRESS):
+    """-q / -v, before the command (flowerx -q train) or after it (flowerx train -q)."""
+    common = common or argparse.ArgumentParser(add_help=False)
     level = common.add_mutually_exclusive_group()
     level.add_argument(
         "-q",
@@ -170,7 +172,7 @@ def _common() -> argparse.ArgumentParser:
         action="store_const",
         const=-1,
         dest="verbosity",
-        default=0,
+        default=default,
         help="print only warnings, errors and the final lines",
     )
     level.add_argument(
@@ -179,6 +181,7 @@ def _common() -> argparse.ArgumentParser:
         action="store_const",
         const=1,
         dest="verbosity",
+        default=default,
         help="print details too (paths, caches, run folders)",
     )
     return common
@@ -313,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="flowerx", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"flowerx {__version__}")
+    _common(parser, default=0)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _common()
     for add in (_add_train, _add_classify, _add_evaluate, _add_bench, _add_export_int8, _add_download):
@@ -338,7 +342,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg.check()
     _need_train_extra("train")
     if args.json:
-        check_outputs({"--json": args.json, "--output-graph": cfg.output_graph, "--output-labels": cfg.labels_path})
+        args.json = os.path.expanduser(args.json)
+        outputs = {"--json": args.json, "--output-graph": cfg.output_graph, "--output-labels": cfg.labels_path}
+        check_outputs(outputs, None, {"image dir": cfg.image_dir, "bottleneck cache": cfg.bottleneck_dir})
     reporter = Reporter(args.verbosity)
     try:
         result = train.run(cfg, reporter.events())
@@ -349,7 +355,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.test_count:
         say(out, f"Final test accuracy = {result.test_accuracy * 100:.1f}% (N={result.test_count})")
     else:
-        say(out, "Final test accuracy = n/a (N=0: no test images; raise --testing-percentage)")
+        fix = "add a test/ folder" if result.split_by_folders else "raise --testing-percentage"
+        say(out, f"Final test accuracy = n/a (N=0: no test images; {fix})")
     if cfg.print_misclassified_test_images:
         say(out, "=== MISCLASSIFIED TEST IMAGES ===")
         for relpath, predicted, true in result.misclassified:
@@ -439,7 +446,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .fileio import atomic_write, check_outputs
 
     if args.output:
-        check_outputs({"--output": args.output}, {"--graph": args.graph})
+        args.output = os.path.expanduser(args.output)
+        inputs = {"--graph": args.graph, "--labels": args.labels}
+        check_outputs({"--output": args.output}, inputs, {"image dir": args.image_dir})
     predictor = _predictor(args)
     reporter = Reporter(-1 if args.verbosity < 0 else 0, err, transient=True)
     try:
@@ -535,7 +544,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.quick and args.full:
         raise FlowerxError("--quick and --full exclude each other")
     outputs = {flag: path for flag, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)) if path}
-    check_outputs(outputs, {f"--graph {g}": g for g in args.graph})
+    outputs = {flag: os.path.expanduser(path) for flag, path in outputs.items()}
+    args.json, args.csv, args.plot = (outputs.get(flag) for flag in ("--json", "--csv", "--plot"))
+    check_outputs(outputs, {f"--graph {g}": g for g in args.graph}, {"image dir": args.image_dir})
     options = {
         k: v
         for k, v in dict(

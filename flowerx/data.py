@@ -31,7 +31,18 @@ MAX_PIXELS = 120_000_000  # a 108-megapixel phone photo passes
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
 MAX_IMAGE_MB = 64  # image files larger than this are refused unread; FLOWERX_MAX_IMAGE_MB overrides it
-SPLIT_FOLDERS = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
+SPLIT_FOLDERS = {
+    "train": "train",
+    "training": "train",
+    "val": "validation",
+    "valid": "validation",
+    "validation": "validation",
+    "test": "test",
+    "testing": "test",
+}
+# Embeddings, overrides and isolates reorder how text displays (a label could show as another); the joiners
+# and marks that Persian, Hindi or emoji need (U+200C, U+200D, ...) are ordinary text.
+BIDI_CONTROLS = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 _PIL_LOCK = threading.Lock()  # loading a caller's lazy PIL image mutates it: one thread at a time
 
 
@@ -78,14 +89,18 @@ class _Walk:
     so link loops (`ln -s . a`) end and no image is counted twice (which would leak test images into
     training)."""
 
+    LINK_OUT = "a link outside the image dir (--follow-links follows it)"
+
     def __init__(self, root: Path, follow_links: bool):
         self.root, self.follow_links = os.path.realpath(root), follow_links
         self.dirs: set[tuple[int, int]] = set()
+        self.skipped_links: list[tuple[str, str]] = []  # (folder, why) of links not followed
         self.files: set[tuple[int, int]] = set()
 
     def enter(self, folder: str) -> bool:
         """Whether to walk folder (a real folder or a link to one)."""
         if os.path.islink(folder) and not self.follow_links and not _inside(os.path.realpath(folder), self.root):
+            self.skipped_links.append((os.path.relpath(folder, self.root), self.LINK_OUT))
             return False
         try:
             info = os.stat(folder)
@@ -145,7 +160,7 @@ def check_label(name: str) -> str:
         name.encode("utf-8")
     except UnicodeEncodeError:
         raise FlowerxError(f"class folder {name!r} has a name that is not valid UTF-8: rename it") from None
-    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name):
+    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in BIDI_CONTROLS for c in name):
         raise FlowerxError(f"class folder {name!r} has control characters in its name: rename it")
     return name
 
@@ -158,9 +173,8 @@ def _class_folders(root: Path, walk: _Walk, prefix: str, split: str | None) -> t
             continue
         if walk.enter(str(sub)):  # every class folder first: a link from one class into another is not followed
             entered.append(sub)
-        else:
-            why = "a link outside the image dir (--follow-links follows it)" if sub.is_symlink() else "seen already"
-            skipped.append((prefix + sub.name, why))
+        elif walk.skipped_links[-1:] != [(os.path.relpath(sub, walk.root), walk.LINK_OUT)]:  # else: said already
+            skipped.append((prefix + sub.name, "the same folder as another class folder: not used twice"))
     for sub in entered:
         name = prefix + sub.name
         files = walk.images(str(sub))
@@ -173,45 +187,57 @@ def _class_folders(root: Path, walk: _Walk, prefix: str, split: str | None) -> t
 
 
 def _split_folders(root: Path) -> dict[str, Path]:
-    """train/, val/ (or validation/) and test/ folders of class folders, when root is laid out that way
-    (as Ultralytics and Keras users have it): a train/ folder with no images of its own beside them."""
+    """Split folders (train/, val/ or valid/ or validation/, test/; any case) when one of them holds class
+    folders, as Keras, Ultralytics and Roboflow users have their data."""
     found = {p.name: p for p in root.iterdir() if p.is_dir() and p.name.lower() in SPLIT_FOLDERS}
-    train = next((p for name, p in found.items() if name.lower() == "train"), None)
-    if train is None or any(is_image_file(p) for p in train.iterdir()):
-        return {}
-    if not any(p.is_dir() for p in train.iterdir()):
-        return {}
-    return found
+    holds_classes = any(any(q.is_dir() and not q.name.startswith(".") for q in p.iterdir()) for p in found.values())
+    return found if holds_classes else {}
+
+
+def _presplit_classes(root: Path, split_dirs: dict[str, Path], walk: _Walk) -> tuple[dict[str, list], list]:
+    """{class: files} over the split folders, and what was skipped; refuses layouts it cannot read right."""
+    others = sorted(
+        p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in split_dirs
+    )
+    if others:
+        raise FlowerxError(
+            f"{root} holds split folders ({', '.join(sorted(split_dirs))}) and other folders "
+            f"({', '.join(others)}): put every class folder inside train/, val/ or test/"
+        )
+    if "train" not in {SPLIT_FOLDERS[name.lower()] for name in split_dirs}:
+        raise FlowerxError(f"{root} holds split folders ({', '.join(sorted(split_dirs))}) but no train/ folder")
+    classes, skipped = {}, []
+    for name, folder in sorted(split_dirs.items(), key=lambda item: SPLIT_FOLDERS[item[0].lower()] != "train"):
+        if not walk.enter(str(folder)):  # train/ first: a link from another split to it cannot take its images
+            if walk.skipped_links[-1:] == [(name, walk.LINK_OUT)]:
+                continue  # a link out of the image dir, reported
+            raise FlowerxError(f"{root}: split folder {name}/ is the same folder as another split folder")
+        strays = [p for p in folder.iterdir() if is_image_file(p)]
+        if strays:
+            skipped.append((name, f"{len(strays)} images outside any class folder, not used"))
+        found, missed = _class_folders(folder, walk, f"{name}/", SPLIT_FOLDERS[name.lower()])
+        skipped += missed
+        for label, files in found.items():
+            classes.setdefault(label, []).extend(files)
+    return classes, skipped
 
 
 def discover(image_dir: str | os.PathLike, follow_links: bool = False) -> Dataset:
     """Labels are the sorted names of image_dir's subfolders that hold images. An image dir of train/,
-    val/ (or validation/) and test/ folders, each of class folders, gives its own split instead."""
+    val/ (or valid/, validation/) and test/ folders, each of class folders, gives its own split instead."""
     root = Path(image_dir).expanduser()
     if not root.is_dir():
         raise FlowerxError(f"image dir does not exist or is not a folder: {root}")
     walk = _Walk(root, follow_links)
     walk.enter(str(root))
-    split_dirs = _split_folders(root)
-    if split_dirs:
-        others = sorted(
-            p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in split_dirs
+    try:
+        split_dirs = _split_folders(root)
+        classes, skipped = (
+            _presplit_classes(root, split_dirs, walk) if split_dirs else _class_folders(root, walk, "", None)
         )
-        if others:
-            raise FlowerxError(
-                f"{root} holds split folders ({', '.join(sorted(split_dirs))}) and other folders "
-                f"({', '.join(others)}): put every class folder inside train/, val/ or test/"
-            )
-        classes, skipped = {}, []
-        for name, folder in sorted(split_dirs.items()):
-            if not walk.enter(str(folder)):
-                continue
-            found, missed = _class_folders(folder, walk, f"{name}/", SPLIT_FOLDERS[name.lower()])
-            skipped += missed
-            for label, files in found.items():
-                classes.setdefault(label, []).extend(files)
-    else:
-        classes, skipped = _class_folders(root, walk, "", None)
+    except OSError as e:
+        raise FlowerxError(f"cannot read the image dir {root}: {e.strerror or e}") from None
+    skipped += walk.skipped_links
     labels = sorted(classes)
     if len(labels) < 2:
         raise FlowerxError(
@@ -253,18 +279,10 @@ def open_image(source: ImageSource, min_size: int | None = None, max_bytes: int 
     """Decode any supported source into an upright RGB PIL image; ImageError on failure.
 
     With min_size, a JPEG (path or bytes) is decoded at the smallest DCT scale that keeps both sides >=
-    min_size (much faster for large photos; the result is still resized afterwards), and so is an unloaded PIL
-    JPEG opened from a file (read from that file). A caller's PIL image is never changed: others are decoded
-    in full and converted into a new image. Files must be regular
-    files of at most max_bytes (default: max_image_bytes()).
+    min_size (much faster for large photos; the result is still resized afterwards). A caller's PIL image is
+    used as it is and never changed: decoded in full (no draft) into a new image, so its pixels can differ from
+    its file's by rounding. Files must be regular files of at most max_bytes (default: max_image_bytes()).
     """
-    if (
-        isinstance(source, Image.Image)
-        and source.format == "JPEG"
-        and getattr(source, "tile", None)
-        and getattr(source, "filename", "")
-    ):
-        source = Path(source.filename)  # unloaded: decode its file as a path would be, leaving the object alone
     if isinstance(source, (str, os.PathLike)):
         source = Path(source).expanduser()
         name = str(source)
@@ -361,7 +379,7 @@ def download_flowers(dest_dir: str | os.PathLike, on_progress: Callable[[int, in
     final = Path(dest_dir).expanduser() / "flower_photos"
     if final.is_dir():
         return final
-    archive = final.with_name("flower_photos.tgz")
+    archive = final.with_name(f".flower_photos.{os.getpid()}.tgz")  # ours alone: a user's own .tgz is left alone
     try:
         download(FLOWERS_URL, archive, on_progress=on_progress)
     except (urllib.error.URLError, OSError, TimeoutError) as e:

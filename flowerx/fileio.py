@@ -159,6 +159,22 @@ MAX_EXTRACT_RATIO = 50  # unpacked / packed size; the flower photos: 1.05 (JPEGs
 MAX_EXTRACT_MEMBERS = 1_000_000
 
 
+def _leaves(link: str, target: str) -> bool:
+    """Whether a link at `link` (relative to a folder) to `target` points outside that folder, wherever the
+    folder is later moved: absolute targets and any climb above the folder count."""
+    if os.path.isabs(target):
+        return True
+    resolved = os.path.normpath(os.path.join(os.path.dirname(link), target))
+    return resolved == ".." or resolved.startswith(".." + os.sep)
+
+
+def _check_fully_read(tar: tarfile.TarFile, archive: Path) -> None:
+    """A damaged archive can look like an early end: what follows the last member must be padding only."""
+    while chunk := tar.fileobj.read(1 << 20):
+        if chunk.strip(b"\0"):
+            raise FlowerxError(f"cannot unpack {archive.name}: it is damaged (data after an unreadable member)")
+
+
 def extract_tar(
     archive: Path, dest: Path, inner: str = "", max_bytes: int = MAX_EXTRACT_BYTES, max_ratio: float = MAX_EXTRACT_RATIO
 ) -> Path:
@@ -186,15 +202,14 @@ def extract_tar(
                     tar.extract(member, work, filter="data")  # rejects absolute paths, '..', devices, links out
                 except tarfile.FilterError as e:
                     raise FlowerxError(f"{archive.name}: unsafe archive member refused ({e})") from None
+            _check_fully_read(tar, archive)
         top = work / inner
         if top.is_symlink() or not top.is_dir():
             raise FlowerxError(f"{archive.name} has no folder {inner!r}")
-        inside = os.path.realpath(top)
         for folder, dirnames, filenames in os.walk(top):
             for name in dirnames + filenames:
                 link = os.path.join(folder, name)
-                target = os.path.realpath(link)
-                if os.path.islink(link) and target != inside and not target.startswith(inside + os.sep):
+                if os.path.islink(link) and _leaves(os.path.relpath(link, top), os.readlink(link)):
                     raise FlowerxError(
                         f"{archive.name}: link {os.path.relpath(link, work)} points outside "
                         f"{inner or 'the archive'}: refused"
@@ -215,10 +230,15 @@ def _same(a: Path, b: Path) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-def check_outputs(outputs: dict[str, str | os.PathLike], inputs: dict[str, str | os.PathLike] | None = None) -> None:
-    """Before any work: every output (flag -> path) is a distinct file, none is one of the inputs, none is an
-    existing folder or other non-file, and each can be written (a probe file in its nearest existing folder).
-    Fails with one FlowerxError naming the flag, so nothing is overwritten by mistake or lost after a long run."""
+def check_outputs(
+    outputs: dict[str, str | os.PathLike],
+    inputs: dict[str, str | os.PathLike | None] | None = None,
+    input_dirs: dict[str, str | os.PathLike | None] | None = None,
+) -> None:
+    """Before any work: every output (flag -> path) is a distinct file, none is one of the inputs or an existing
+    file inside an input folder (a photo of the image dir, an entry of the cache), none is an existing folder or
+    other non-file, and each can be written (a probe file in its nearest existing folder). Fails with one
+    FlowerxError naming the flag, so nothing is overwritten by mistake or lost after a long run."""
     seen: dict[str, str] = {}
     for flag, raw in outputs.items():
         path = Path(raw).expanduser()
@@ -229,6 +249,10 @@ def check_outputs(outputs: dict[str, str | os.PathLike], inputs: dict[str, str |
         for in_flag, in_path in (inputs or {}).items():
             if in_path and _same(path, Path(in_path).expanduser()):
                 raise FlowerxError(f"{flag} {path} is the {in_flag} file: it would be overwritten")
+        for in_flag, folder in (input_dirs or {}).items():
+            inside = folder and os.path.realpath(Path(folder).expanduser())
+            if inside and real.startswith(inside.rstrip(os.sep) + os.sep) and os.path.lexists(path):
+                raise FlowerxError(f"{flag} {path} is a file in the {in_flag}: it would be overwritten")
         if path.is_dir():
             raise FlowerxError(f"{flag} {path} is a folder: give a file path")
         if path.exists() and not path.is_file():

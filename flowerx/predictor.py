@@ -95,6 +95,8 @@ class Predictor:
         threads: int = 0,
         max_image_bytes: int | None = None,
     ):
+        if not isinstance(path, (str, os.PathLike)):
+            raise FlowerxError(f"the model must be a path (str or os.PathLike), not {type(path).__name__}")
         self.path = check_regular(Path(path).expanduser(), "model file")  # a FIFO or device would hang the load
         if providers not in ("auto", "cpu", "cuda"):
             raise FlowerxError(f"providers must be 'auto', 'cpu' or 'cuda', not {providers!r}")
@@ -113,7 +115,12 @@ class Predictor:
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=wanted)
+            source: str | bytes = str(self.path)
+            try:
+                source.encode("utf-8")
+            except UnicodeEncodeError:  # a name that is not UTF-8: onnxruntime takes the bytes instead
+                source = read_regular(self.path)
+            self.session = ort.InferenceSession(source, options, providers=wanted)
         except Exception as e:  # onnxruntime raises its own types for bad files
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise FlowerxError(f"{self.path}: not a valid ONNX model ({first[:200]})") from None
@@ -145,6 +152,8 @@ class Predictor:
         if inputs[0].type != "tensor(uint8)":
             raise FlowerxError(f"{name}: input must be uint8 RGB, got {inputs[0].type}")
         out = outputs[0].shape
+        if outputs[0].type not in ("tensor(float)", "tensor(double)", "tensor(float16)"):
+            raise FlowerxError(f"{name}: output must be float scores, got {outputs[0].type}")
         if len(out) != 2:
             raise FlowerxError(f"{name}: output must be one [N, classes] tensor, got shape {out}")
         if isinstance(out[1], int) and out[1] != len(labels):
@@ -153,7 +162,7 @@ class Predictor:
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         """The model on a ready batch, its output checked: [N, classes], finite."""
-        out = self.session.run([self._output], {self._input: np.ascontiguousarray(batch)})[0]
+        out = self.session.run([self._output], {self._input: np.ascontiguousarray(batch)})[0].astype(np.float32)
         if not isinstance(out, np.ndarray) or out.shape != (len(batch), len(self.labels)):
             raise FlowerxError(
                 f"{self.path.name}: the model returned shape {getattr(out, 'shape', '?')}, "

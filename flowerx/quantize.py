@@ -97,7 +97,7 @@ def export_int8(
         raise FlowerxError(f"--max-accuracy-drop must be a finite number, got {max_drop}")
     float_graph = Path(float_graph).expanduser()
     path = int8_path(float_graph)
-    check_outputs({"the int8 model": path}, {"--graph": float_graph})
+    check_outputs({"the int8 model": path}, {"--graph": float_graph}, {"image dir": image_dir})
     contract = Predictor(float_graph, providers="cpu").contract
     items, y, names = _labelled_split(contract, float_graph.name, image_dir, follow_links)
     model = onnx.load(str(float_graph))

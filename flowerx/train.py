@@ -136,6 +136,12 @@ class TrainConfig:
     )
     print_misclassified_test_images: bool = _option(False, "list the test images the model gets wrong", "output")
 
+    def __post_init__(self) -> None:
+        for name in ("image_dir", "model_dir", "bottleneck_dir", "summaries_dir", "output_graph", "output_labels"):
+            value = getattr(self, name)
+            if value:  # ~ expanded once: the path checked is the path written
+                setattr(self, name, os.path.expanduser(value))
+
     def check(self) -> None:
         """Reject impossible settings with one clear message, before any work."""
         if not self.image_dir:
@@ -182,10 +188,16 @@ class TrainConfig:
             from .quantize import int8_path
 
             outputs["the int8 model"] = int8_path(self.output_graph)
-        check_outputs(outputs, {"weights": weights} if weights else None)
+        check_outputs(
+            outputs, {"weights": weights}, {"image dir": self.image_dir, "bottleneck cache": self.bottleneck_dir}
+        )
         check_folder(self.bottleneck_dir, "--bottleneck-dir")
         if self.summaries_dir:
+            if not _is_utf8(self.summaries_dir):  # TensorBoard's writer cannot open such a path
+                raise FlowerxError(f"--summaries-dir {self.summaries_dir!r} is not a UTF-8 path: choose another")
             check_folder(self.summaries_dir, "--summaries-dir")
+            experiment = self.experiment_name or get_architecture(self.architecture).name
+            check_folder(Path(self.summaries_dir) / experiment, "--experiment-name")
 
     @property
     def distortion(self) -> Distortion:
@@ -233,23 +245,35 @@ def check_experiment_name(name: str) -> None:
         or os.sep in name
         or Path(name).is_absolute()
         or any(ord(c) < 32 or ord(c) == 127 for c in name)
+        or not _is_utf8(name)
     ):
         raise FlowerxError(
-            f"--experiment-name must be a plain name (no /, \\, '..' or control characters), got {name!r}"
+            f"--experiment-name must be a plain UTF-8 name (no /, \\, '..' or control characters), got {name!r}"
         )
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def new_run_dir(parent: Path) -> Path:
     """A new folder parent/<UTC date-time> for this run's summaries (earlier runs are kept for comparison)."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    parent.mkdir(parents=True, exist_ok=True)
-    for n in range(1, 1000):
-        folder = parent / (stamp if n == 1 else f"{stamp}-{n}")
-        try:
-            folder.mkdir()
-            return folder
-        except FileExistsError:
-            continue
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        for n in range(1, 1000):
+            folder = parent / (stamp if n == 1 else f"{stamp}-{n}")
+            try:
+                folder.mkdir()
+                return folder
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise FlowerxError(f"cannot make a run folder in {parent}: {e.strerror or e}") from None
     raise FlowerxError(f"cannot make a new run folder in {parent}")
 
 
@@ -271,6 +295,7 @@ class TrainResult:
     timings: dict[str, float] = field(default_factory=dict)
     misclassified: list[tuple[str, str, str]] = field(default_factory=list)  # (relpath, predicted, true)
     fine_tune: dict | None = None  # kept epoch, epochs run, resumed, ... when fine-tuning
+    split_by_folders: bool = False  # the image dir's train/, val/, test/ folders gave the split
     int8: Int8Result | None = None  # when --quantize int8
 
     def to_dict(self) -> dict:
@@ -350,7 +375,7 @@ class _Networks:
     def batch_fn(self) -> Callable:
         """The feature network as a stream_session, built once."""
         if self._fn is None:
-            self._fn = stream_session(self.features_onnx())
+            self._fn = stream_session(self.features_onnx().read_bytes())  # bytes: any folder name works
         return self._fn
 
 
@@ -427,6 +452,7 @@ def run(cfg: TrainConfig, events: Events = QUIET) -> TrainResult:
             if p != labels[i]
         ],
         fine_tune=_fine_tune_record(cfg, tuned),
+        split_by_folders=job.dataset.presplit,
     )
     with job.timed("export_s"):
         result.parity_max_diff = _export(job, result, splits, kernel, bias, features_proto)
@@ -464,7 +490,8 @@ def _prepare(cfg: TrainConfig, events: Events) -> _Job:
     cfg.check_paths(weights)
     events.info(
         f"{arch.name}: {len(dataset.items)} images in {len(dataset.labels)} classes "
-        f"({', '.join(dataset.labels)})" + (" (split given by its train/val/test folders)" if dataset.presplit else "")
+        f"({', '.join(dataset.labels)})"
+        + (" (split by its train/val/test folders; the split percentages do not apply)" if dataset.presplit else "")
     )
     events.detail(f"weights {weights}; bottleneck cache {cfg.bottleneck_dir}")
     cache = BottleneckCache(cfg.bottleneck_dir, arch, weights_fingerprint(weights))
@@ -502,13 +529,17 @@ def _split(job: _Job, labels: np.ndarray, ok: np.ndarray) -> dict[str, np.ndarra
     if missing:
         events.warning(f"no training images for: {', '.join(missing)}")
     for name, wanted in (("validation", cfg.validation_percentage), ("test", cfg.testing_percentage)):
-        if len(splits[name]) < MIN_SPLIT and (wanted > 0 or dataset.presplit):
+        count = len(splits[name])
+        if count < MIN_SPLIT and (wanted > 0 or dataset.presplit):
             events.warning(
-                f"only {len(splits[name])} {name} images: its accuracy means little "
-                f"(one image moves it {100 / max(1, len(splits[name])):.0f} points)"
+                f"only {count} {name} images: its accuracy means little (one image moves it {100 / count:.0f} points)"
+                if count
+                else f"no {name} images"
+                + (f" (no {'val' if name == 'validation' else name}/ folder)" if dataset.presplit else "")
             )
     if cfg.fine_tune_blocks and not len(splits["validation"]):
-        raise FlowerxError("fine-tuning stops early on validation accuracy: it needs --validation-percentage > 0")
+        need = "a val/ folder" if dataset.presplit else "--validation-percentage > 0"
+        raise FlowerxError(f"fine-tuning stops early on validation accuracy: it needs {need}")
     return splits
 
 

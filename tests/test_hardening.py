@@ -843,3 +843,183 @@ def test_bench_outputs_that_collide_are_refused_before_timing(tmp_path):
     one_line_error(
         run_cli("bench", "--quick", "--json", str(tmp_path / "r"), "--csv", str(tmp_path / "r")), 2, "are the same file"
     )
+
+
+# --- Found in review of the first pass ----------------------------------------------------------------------
+
+
+def test_tilde_outputs_are_checked_and_written_at_the_same_place(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = TrainConfig(image_dir="~/data", output_graph="~/m.onnx")
+    assert cfg.output_graph == str(tmp_path / "m.onnx") and cfg.labels_path == tmp_path / "m.labels.txt"
+    assert cfg.image_dir == str(tmp_path / "data")
+
+
+def test_outputs_never_overwrite_inputs_or_files_in_input_folders(tmp_path, two_classes):
+    model = write_tiny_model(tmp_path / "m.onnx", metadata={})
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a\nx\nb\n")
+    before = labels.read_text()
+    base = ["evaluate", "--graph", str(model), "--labels", str(labels), "--input-size", "8", "--image-dir"]
+    one_line_error(run_cli(*base, str(two_classes), "--output", str(labels)), 2, "is the --labels file")
+    photo = two_classes / "a" / "0.png"
+    one_line_error(run_cli(*base, str(two_classes), "--output", str(photo)), 2, "is a file in the image dir")
+    one_line_error(
+        run_cli("train", "--image-dir", str(two_classes), "--output-labels", str(photo)),
+        2,
+        "is a file in the image dir",
+    )
+    cache = tmp_path / "bn" / "mobilenet_1.0_224-x-v1"
+    cache.mkdir(parents=True)
+    (cache / "features.onnx").write_bytes(b"the cached network")
+    one_line_error(
+        run_cli(
+            "train",
+            "--image-dir",
+            str(two_classes),
+            "--bottleneck-dir",
+            str(tmp_path / "bn"),
+            "--output-graph",
+            str(cache / "features.onnx"),
+        ),
+        2,
+        "is a file in the bottleneck cache",
+    )
+    assert labels.read_text() == before and (cache / "features.onnx").read_bytes() == b"the cached network"
+
+
+@pytest.mark.parametrize("dtype", ["BOOL", "UINT8", "INT64"])
+def test_outputs_that_are_not_float_scores_are_refused_at_load(tmp_path, dtype):
+    import onnx
+    from onnx import TensorProto, helper
+
+    path = write_tiny_model(tmp_path / "m.onnx")
+    model = onnx.load(path)
+    model.graph.node.append(helper.make_node("Cast", ["probs"], ["cast"], to=getattr(TensorProto, dtype)))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("cast", getattr(TensorProto, dtype), ["N", 3]))
+    onnx.save(model, path)
+    with pytest.raises(FlowerxError, match="output must be float scores"):
+        Predictor(path)
+
+
+def test_predictor_takes_a_path_and_any_file_name(tmp_path):
+    for bad in (None, 3):
+        with pytest.raises(FlowerxError, match="must be a path"):
+            Predictor(bad)
+    odd = Path(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"m\xff.onnx")))
+    odd.write_bytes(write_tiny_model(tmp_path / "m.onnx").read_bytes())
+    assert Predictor(odd).labels == ["red", "green", "blue"]
+
+
+def test_joiners_in_class_names_are_text_bidi_overrides_are_not(tmp_path):
+    for label in ("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", "\U0001f469\u200d\U0001f33e"):
+        (tmp_path / "ok" / label).mkdir(parents=True)
+        solid(tmp_path / "ok" / label / "1.png", (1, 2, 3))
+    assert len(discover(tmp_path / "ok").labels) == 2
+    (tmp_path / "bad" / "a").mkdir(parents=True)
+    (tmp_path / "bad" / "evil\u202egnp").mkdir(parents=True)
+    for label in ("a", "evil\u202egnp"):
+        solid(tmp_path / "bad" / label / "1.png", (1, 2, 3))
+    with pytest.raises(FlowerxError, match="control characters"):
+        discover(tmp_path / "bad")
+
+
+def _split_layout(root: Path, splits=("train", "val", "test")) -> Path:
+    for split in splits:
+        for label in ("cat", "dog"):
+            (root / split / label).mkdir(parents=True)
+            make_image(root / split / label / "1.png", fmt="PNG", seed=len(split))
+    return root
+
+
+def test_split_folder_names_and_odd_layouts(tmp_path):
+    other = discover(_split_layout(tmp_path / "a", ("training", "valid", "testing")))
+    assert other.presplit and set(split_names(other.items, 10, 10)) == {"train", "validation", "test"}
+    with pytest.raises(FlowerxError, match="no train/ folder"):
+        discover(_split_layout(tmp_path / "b", ("val", "test")))
+    stray = _split_layout(tmp_path / "c")
+    make_image(stray / "train" / "loose.png", fmt="PNG")
+    assert ("train", "1 images outside any class folder, not used") in discover(stray).skipped_folders
+    same = _split_layout(tmp_path / "d", ("train", "val"))
+    os.symlink("train", same / "test")
+    with pytest.raises(FlowerxError, match="same folder as another split folder"):
+        discover(same)
+
+
+def test_links_out_below_class_level_are_reported(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    make_image(outside / "x.png", fmt="PNG")
+    data = tmp_path / "data"
+    for label in ("a", "b"):
+        (data / label).mkdir(parents=True)
+        make_image(data / label / "1.png", fmt="PNG")
+    os.symlink(outside, data / "a" / "more")
+    os.symlink(data / "a", data / "c")  # a class folder that is another class
+    skipped = dict(discover(data).skipped_folders)
+    assert skipped["a/more"].startswith("a link outside") and skipped["c"].startswith("the same folder")
+
+
+def test_experiment_and_summary_paths_that_tensorboard_cannot_take(tmp_path, two_classes):
+    one_line_error(
+        run_cli("train", "--image-dir", str(two_classes), "--experiment-name", "x\udcff"), 2, "plain UTF-8 name"
+    )
+    (tmp_path / "sum").mkdir()
+    (tmp_path / "sum" / "exp").write_text("a file where the experiment's folder goes")
+    one_line_error(
+        run_cli(
+            "train",
+            "--image-dir",
+            str(two_classes),
+            "--summaries-dir",
+            str(tmp_path / "sum"),
+            "--experiment-name",
+            "exp",
+        ),
+        2,
+        "is a file, not a folder",
+    )
+
+
+def test_archive_links_that_would_leave_once_moved_and_damaged_archives(tmp_path):
+    climbing = tmp_path / "climb.tgz"
+    with tarfile.open(climbing, "w:gz") as tar:
+        info = tarfile.TarInfo("flower_photos/a.txt")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"a"))
+        link = tarfile.TarInfo("flower_photos/x")
+        link.type, link.linkname = tarfile.SYMTYPE, "../flower_photos/a.txt"
+        tar.addfile(link)
+    with pytest.raises(FlowerxError, match="points outside"):
+        fileio.extract_tar(climbing, tmp_path / "elsewhere", inner="flower_photos")
+    good = tmp_path / "good.tar"
+    with tarfile.open(good, "w") as tar:
+        for i in range(30):
+            info = tarfile.TarInfo(f"flower_photos/{i:02d}.jpg")
+            info.size = 2000
+            tar.addfile(info, io.BytesIO(bytes([i + 1]) * 2000))
+    data = bytearray(good.read_bytes())
+    data[15 * 2560 : 15 * 2560 + 512] = b"\xff" * 512  # one member's header destroyed, mid-archive
+    damaged = tmp_path / "damaged.tar"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(FlowerxError, match="damaged|cannot unpack"):
+        fileio.extract_tar(damaged, tmp_path / "dest", inner="flower_photos")
+    assert not (tmp_path / "dest").exists()
+
+
+def test_download_flowers_leaves_a_users_own_archive_alone(tmp_path, monkeypatch):
+    from flowerx import data
+
+    (tmp_path / "flower_photos.tgz").write_bytes(b"mine")
+    monkeypatch.setattr(fileio.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"not a tar"))
+    with pytest.raises(FlowerxError):
+        data.download_flowers(tmp_path)
+    assert (tmp_path / "flower_photos.tgz").read_bytes() == b"mine"
+
+
+def test_bench_seconds_must_be_finite_and_quiet_goes_before_the_command(tmp_path):
+    one_line_error(run_cli("bench", "--quick", "--seconds", "inf"), 2, "--seconds")
+    model = write_tiny_model(tmp_path / "m.onnx")
+    result = run_cli("-q", "classify", str(solid(tmp_path / "r.png", (250, 0, 0))), "--graph", str(model))
+    assert result.returncode == 0 and result.stdout.startswith("red ")
