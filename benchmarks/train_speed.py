@@ -129,8 +129,7 @@ def per_image_baseline(arch: str, shared: Path, count: int) -> float:
         [
             sys.executable,
             "-m",
-            "flowerx.bench_workers",
-            "per-image-loop",
+            "benchmarks.per_image_loop",
             "--arch",
             arch,
             "--model-dir",

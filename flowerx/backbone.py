@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .architectures import Architecture
+from .contract import INPUT, OUTPUT
 from .errors import FlowerxError
 
 # TensorFlow's C++ start-up lines, printed at import whatever TF_CPP_MIN_LOG_LEVEL says.
@@ -94,7 +95,7 @@ def build_base(arch: Architecture, weights: str | Path | None) -> keras.Model:
 def build_feature_model(arch: Architecture, base: keras.Model) -> keras.Model:
     """uint8 RGB [N, S, S, 3] -> normalise inside the graph -> base -> pooled bottleneck features."""
     size = arch.input_size
-    image = keras.Input((size, size, 3), dtype="uint8", name="image")
+    image = keras.Input((size, size, 3), dtype="uint8", name=INPUT)
     x = keras.layers.Rescaling(1.0 / arch.std, offset=-arch.mean / arch.std, name="normalize")(
         keras.ops.cast(image, "float32")
     )
@@ -103,7 +104,7 @@ def build_feature_model(arch: Architecture, base: keras.Model) -> keras.Model:
 
 def build_classifier(features: keras.Model, kernel: np.ndarray, bias: np.ndarray) -> keras.Model:
     """The exported network: the feature model plus the trained softmax layer."""
-    head = keras.layers.Dense(kernel.shape[1], activation="softmax", name="probs")
+    head = keras.layers.Dense(kernel.shape[1], activation="softmax", name=OUTPUT)
     probs = head(features.output)
     head.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
     return keras.Model(features.input, probs, name=features.name.replace("features_", "flowerx_"))

@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 from .architectures import ARCHITECTURES, default_model_dir, get_architecture
@@ -315,24 +316,7 @@ def run(cfg: BenchConfig, on_step: Callable[[str, int, int], None] = lambda s, d
     models = _plan_models(cfg)
     rows: list[Row] = []
     end_to_end: list[dict] = []
-    plan: list[tuple[str, Callable[[], None]]] = []
-    for model in models:
-        plan.append((f"preparing {model.name}", lambda m=model: m.info.update(_prepare_error(m, cfg))))
-        for runtime in cfg.runtimes:
-            for threads in cfg.threads:
-                what = f"{model.name}: {runtime}, {threads} thread{'s' if threads > 1 else ''}"
-                plan.append((what, lambda m=model, r=runtime, t=threads: rows.append(_measure(m, r, t, cfg))))
-    for model in (m for m in models if m.trained and cfg.image_dir):
-        plan.append((f"accuracy of {model.name}", lambda m=model: _set_accuracy(m, rows, cfg)))
-    if cfg.end_to_end_repeats > 0 and models:
-        trained = [m for m in models if m.trained]
-        target = trained[0] if trained else next((m for m in models if m.arch == "mobilenet_0.50_224"), models[0])
-        plan.append(
-            (
-                f"end to end: classify one image with {target.name}",
-                lambda: target.onnx.exists() and end_to_end.append(_end_to_end(target, _sample_image(cfg), cfg)),
-            )
-        )
+    plan = _plan(cfg, models, rows, end_to_end)
     for done, (description, step) in enumerate(plan):
         on_step(description, done, len(plan))
         step()
@@ -342,9 +326,41 @@ def run(cfg: BenchConfig, on_step: Callable[[str, int, int], None] = lambda s, d
     return BenchReport(machine_info(), rows, end_to_end, config)
 
 
-def _prepare_error(model: _Model, cfg: BenchConfig) -> dict:
+def _plan(
+    cfg: BenchConfig, models: list[_Model], rows: list[Row], end_to_end: list[dict]
+) -> list[tuple[str, Callable]]:
+    """Every step of a run as (description, function): its results land in rows and end_to_end."""
+    plan: list[tuple[str, Callable]] = []
+    for model in models:
+        plan.append((f"preparing {model.name}", partial(_prepare_step, model, cfg)))
+        for runtime in cfg.runtimes:
+            for threads in cfg.threads:
+                what = f"{model.name}: {runtime}, {threads} thread{'s' if threads > 1 else ''}"
+                plan.append((what, partial(_measure_step, rows, model, runtime, threads, cfg)))
+    for model in (m for m in models if m.trained and cfg.image_dir):
+        plan.append((f"accuracy of {model.name}", partial(_set_accuracy, model, rows, cfg)))
+    if cfg.end_to_end_repeats > 0 and models:
+        trained = [m for m in models if m.trained]
+        target = trained[0] if trained else next((m for m in models if m.arch == "mobilenet_0.50_224"), models[0])
+        plan.append(
+            (f"end to end: classify one image with {target.name}", partial(_end_to_end_step, end_to_end, target, cfg))
+        )
+    return plan
+
+
+def _prepare_step(model: _Model, cfg: BenchConfig) -> None:
     problem = _prepare(model, cfg)
-    return {"prepare_error": problem} if problem else {}
+    if problem:
+        model.info["prepare_error"] = problem
+
+
+def _measure_step(rows: list[Row], model: _Model, runtime: str, threads: int, cfg: BenchConfig) -> None:
+    rows.append(_measure(model, runtime, threads, cfg))  # says "skipped: ..." for what is missing
+
+
+def _end_to_end_step(end_to_end: list[dict], model: _Model, cfg: BenchConfig) -> None:
+    if model.onnx.exists():
+        end_to_end.append(_end_to_end(model, _sample_image(cfg), cfg))
 
 
 def _set_ratios(rows: list[Row]) -> None:

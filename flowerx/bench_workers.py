@@ -3,7 +3,6 @@
   python -m flowerx.bench_workers prepare  ...  build one model in every runtime's format (TensorFlow)
   python -m flowerx.bench_workers measure  ...  time one runtime on one model; prints one JSON line
   python -m flowerx.bench_workers tf-classify  the TensorFlow counterpart of `flowerx classify one.jpg`
-  python -m flowerx.bench_workers per-image-loop  retrain.py's bottleneck loop (baseline of train_speed.py)
 
 One process per runtime: TensorFlow loaded in the same process slows onnxruntime down, and peak memory is
 only meaningful per process.
@@ -188,25 +187,6 @@ def tf_classify(args: argparse.Namespace) -> None:
         print(f"{info['labels'][i]} {probs[i]:.5f}")
 
 
-def per_image_loop(args: argparse.Namespace) -> None:
-    """retrain.py's bottleneck loop, today: per image read, decode, one TensorFlow model call. Prints img/s."""
-    from flowerx.architectures import get_architecture
-    from flowerx.backbone import build_base, build_feature_model, tf
-    from flowerx.data import list_images, prepare_image
-
-    arch = get_architecture(args.arch)
-    model = build_feature_model(arch, build_base(arch, Path(args.model_dir) / arch.weights_file))
-    size = arch.input_size
-    fn = tf.function(lambda x: model(x, training=False), input_signature=[tf.TensorSpec([1, size, size, 3], tf.uint8)])
-    found = list_images(Path(args.image_dir))
-    paths = found[:: max(1, len(found) // args.count)]
-    fn(prepare_image(paths[0], size)[None])  # trace
-    start = time.perf_counter()
-    for path in paths[: args.count]:
-        fn(prepare_image(path.read_bytes(), size)[None]).numpy()
-    print(json.dumps({"images_per_s": min(len(paths), args.count) / (time.perf_counter() - start)}))
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flowerx.bench_workers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -229,13 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     c = sub.add_parser("tf-classify")
     c.add_argument("--model", required=True)
     c.add_argument("image")
-    loop = sub.add_parser("per-image-loop")
-    loop.add_argument("--arch", required=True)
-    loop.add_argument("--model-dir", required=True)
-    loop.add_argument("--image-dir", required=True)
-    loop.add_argument("--count", type=int, default=300)
     args = parser.parse_args(argv)
-    commands = {"prepare": prepare, "measure": measure, "tf-classify": tf_classify, "per-image-loop": per_image_loop}
+    commands = {"prepare": prepare, "measure": measure, "tf-classify": tf_classify}
     commands[args.command](args)
 
 

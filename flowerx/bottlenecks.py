@@ -208,15 +208,17 @@ def get_bottlenecks(
         return results
 
     # Ctrl-C or a failure stops the queued batches; what was stored stays stored.
-    for batch, results in map_ahead(lambda b: (b, process(b)), chunked(range(len(items)), batch_size), workers):
-        for i, (status, value) in zip(batch, results):
-            if status == "failed":
-                stats.failed.append((items[i].relpath, value))
-                on_warning(f"skipping {items[i].relpath}: {value}")
-                continue
-            features[i], ok[i] = value, True
-            stats.cached += status == "cached"
-            stats.computed += status != "cached"
-            stats.corrupt += status == "corrupt"
-        on_progress(len(batch))
+    tasks = chunked(range(len(items)), batch_size)
+    with map_ahead(lambda b: (b, process(b)), tasks, workers) as done:
+        for batch, results in done:
+            for i, (status, value) in zip(batch, results):
+                if status == "failed":
+                    stats.failed.append((items[i].relpath, value))
+                    on_warning(f"skipping {items[i].relpath}: {value}")
+                    continue
+                features[i], ok[i] = value, True
+                stats.cached += status == "cached"
+                stats.computed += status != "cached"
+                stats.corrupt += status == "corrupt"
+            on_progress(len(batch))
     return features, ok, stats

@@ -7,7 +7,7 @@
 
 `Contract` is the one typed description of it: training and int8 export write it (`to_metadata`), the
 Predictor, evaluate and bench read it (`from_metadata`), and every check of what a model carries is here.
-No onnx or onnxruntime import: a ModelProto's metadata is read with `metadata_of`.
+No onnx or onnxruntime import.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+
+import numpy as np
 
 # Tensor and node names of the graph, defined by the exporters that write it (exporters imports no flowerx).
 from exporters.names import FEATURES, HEAD_BIAS, HEAD_KERNEL, HEAD_MATMUL, HEAD_PREFIX, INPUT, OUTPUT  # noqa: F401
@@ -93,7 +95,9 @@ class Contract:
         cls, meta: dict[str, str], name: str, labels: list[str] | None = None, input_size: int | None = None
     ) -> Contract:
         """The contract of a model's metadata; labels / input_size stand in for a model without metadata.
-        Anything malformed is one FlowerxError naming the model and the key."""
+        What running the model needs (labels, input size, resize rule) must be right, else one FlowerxError
+        naming the model and the key; the informational keys (training, input_mean/std) never stop a model
+        from loading: a malformed training record is reported when its split is asked for."""
         if labels is not None:
             labels = check_labels(list(labels) if isinstance(labels, tuple) else labels, "labels")
         elif "labels" in meta:
@@ -118,13 +122,13 @@ class Contract:
             raise FlowerxError(f"{name} wants resize rule {resize!r}; flowerx feeds {RESIZE_RULE!r} only")
         return cls(
             labels=[str(label) for label in labels],
-            input_size=check_input_size(int(input_size) if not isinstance(input_size, bool) else input_size, name),
+            input_size=check_input_size(int(input_size) if isinstance(input_size, np.integer) else input_size, name),
             architecture=meta.get("architecture", ""),
             resize=resize,
-            input_mean=_float(meta, "input_mean", name),
-            input_std=_float(meta, "input_std", name),
+            input_mean=_float(meta, "input_mean"),
+            input_std=_float(meta, "input_std"),
             flowerx_version=meta.get("flowerx_version", ""),
-            training=read_training(meta, name),
+            training=_lenient(read_training, meta, name),
             quantization=meta.get("quantization"),
             extra={k: v for k, v in meta.items() if k not in KNOWN_KEYS},
         )
@@ -139,13 +143,19 @@ class Contract:
         return self.training.get("split") == "folders"
 
 
-def _float(meta: dict[str, str], key: str, name: str) -> float | None:
-    if key not in meta:
-        return None
+def _float(meta: dict[str, str], key: str) -> float | None:
     try:
         return float(meta[key])
-    except ValueError:
-        raise FlowerxError(f"{name}: {key} metadata is not a number ({meta[key][:40]!r})") from None
+    except (KeyError, ValueError):
+        return None  # informational only: the graph normalises by itself
+
+
+def _lenient(read, meta: dict[str, str], name: str) -> dict:
+    """The training record, or {"_unreadable": why} when it is malformed (raised by split_percentages)."""
+    try:
+        return read(meta, name)
+    except FlowerxError as e:
+        return {"_unreadable": str(e)}
 
 
 def read_training(metadata: dict[str, str], name: str) -> dict:
@@ -161,6 +171,8 @@ def read_training(metadata: dict[str, str], name: str) -> dict:
 
 def split_percentages(training: dict, name: str) -> tuple[float, float] | None:
     """(validation %, testing %) of the training run's split, None when not recorded; checked."""
+    if "_unreadable" in training:
+        raise FlowerxError(training["_unreadable"])
     if "testing_percentage" not in training:
         return None
     values = training.get("validation_percentage"), training.get("testing_percentage")
@@ -170,8 +182,3 @@ def split_percentages(training: dict, name: str) -> tuple[float, float] | None:
     if not valid or sum(values) >= 100:
         raise FlowerxError(f"{name}: the 'training' metadata's split percentages are not valid ({values})")
     return float(values[0]), float(values[1])
-
-
-def metadata_of(proto) -> dict[str, str]:
-    """The metadata_props of an onnx ModelProto as a dict."""
-    return {entry.key: entry.value for entry in proto.metadata_props}

@@ -74,12 +74,13 @@ def evaluate(
                 bad.append((item.relpath, str(e)))
         return chunk, images, truth, bad
 
-    for chunk, images, truth, bad in map_ahead(decode, chunked(items, batch_size)):
-        failed.extend(bad)
-        if images:
-            predicted = predictor.probabilities(np.stack(images)).argmax(1)
-            np.add.at(confusion, (np.array(truth), predicted), 1)
-        on_progress(len(chunk))
+    with map_ahead(decode, chunked(items, batch_size)) as decoded:
+        for chunk, images, truth, bad in decoded:
+            failed.extend(bad)
+            if images:
+                predicted = predictor.probabilities(np.stack(images)).argmax(1)
+                np.add.at(confusion, (np.array(truth), predicted), 1)
+            on_progress(len(chunk))
     correct = np.diag(confusion)
     with np.errstate(invalid="ignore", divide="ignore"):
         precision = np.nan_to_num(correct / confusion.sum(0))

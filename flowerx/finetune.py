@@ -21,7 +21,8 @@ import io
 import json
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -93,22 +94,21 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
+@contextmanager
 def _image_batches(
     items: Sequence[ImageItem], order: np.ndarray, size: int, batch_size: int, distortion: Distortion | None, seed: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(indices, uint8 images) per batch of order, decoded (and distorted) on all cores ahead of the training
-    step; PIL releases the GIL, so decoding overlaps TensorFlow's work."""
+) -> Iterator[Iterator[tuple[np.ndarray, np.ndarray]]]:
+    """`with _image_batches(...) as batches:` (indices, uint8 images) per batch of order, each image decoded (and
+    distorted) as its own task on all cores, up to three batches ahead of the training step; PIL releases the
+    GIL, so decoding overlaps TensorFlow's work."""
 
-    def decode(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        views = [
-            prepare_image(items[i].path, size)
-            if distortion is None
-            else distortion.view(items[i].path, size, _seed(seed, i))
-            for i in idx
-        ]
-        return idx, np.stack(views)
+    def decode(i: int) -> np.ndarray:
+        if distortion is None:
+            return prepare_image(items[i].path, size)
+        return distortion.view(items[i].path, size, _seed(seed, i))
 
-    return map_ahead(decode, chunked(order, batch_size))
+    with map_ahead(decode, order, in_flight=3 * batch_size) as views:
+        yield ((idx, np.stack([next(views) for _ in idx])) for idx in chunked(order, batch_size))
 
 
 def checkpoint_key(parts: dict, items: Sequence[ImageItem]) -> str:
@@ -190,10 +190,8 @@ class _Tuner:
             v.assign(value)
 
     def predict(self, items: Sequence[ImageItem], idx: np.ndarray) -> np.ndarray:
-        out = [
-            self.logits(self.tf.constant(x)).numpy().argmax(1)
-            for _, x in _image_batches(items, idx, self.size, PREDICT_BATCH, None, 0)
-        ]
+        with _image_batches(items, idx, self.size, PREDICT_BATCH, None, 0) as batches:
+            out = [self.logits(self.tf.constant(x)).numpy().argmax(1) for _, x in batches]
         return np.concatenate(out) if out else np.zeros(0, int)
 
     def averaged_accuracy(self, items: Sequence[ImageItem], labels: np.ndarray, idx: np.ndarray) -> float:
@@ -223,26 +221,46 @@ class _Tuner:
         return arrays["best"]
 
 
-def _epoch(tuner: _Tuner, items, labels: np.ndarray, train: np.ndarray, epoch: int, steps: int) -> dict:
-    """One epoch over fresh views of the training images (a seeded order); its record."""
+def _epoch(
+    tuner: _Tuner, items, labels: np.ndarray, splits: dict[str, np.ndarray], epoch: int, steps: int
+) -> tuple[dict, int]:
+    """One epoch over fresh views of the training images (a seeded order), then validation: (its record,
+    images trained on)."""
     cfg, tf = tuner.cfg, tuner.tf
     t = time.perf_counter()
     rng_seed = _seed(cfg.seed, 7)
-    order = np.random.default_rng(_seed(rng_seed, epoch)).permutation(train)
+    order = np.random.default_rng(_seed(rng_seed, epoch)).permutation(splits["train"])
     order = order[: steps * cfg.batch_size] if len(order) >= cfg.batch_size else order
     losses, correct = [], 0.0
-    for idx, x in _image_batches(items, order, tuner.size, cfg.batch_size, cfg.views, _seed(rng_seed, epoch, 1)):
-        loss, hits = tuner.step(tf.constant(x), tf.constant(labels[idx], tf.int64))
-        losses.append(float(loss))
-        correct += float(hits)
-    seconds = time.perf_counter() - t
-    return {
-        "epoch": epoch,
-        "loss": float(np.mean(losses)),
-        "train_accuracy": correct / len(order),
-        "seconds": seconds,
-        "images": len(order),
+    seed = _seed(rng_seed, epoch, 1)
+    with _image_batches(items, order, tuner.size, cfg.batch_size, cfg.views, seed) as batches:
+        for idx, x in batches:
+            loss, hits = tuner.step(tf.constant(x), tf.constant(labels[idx], tf.int64))
+            losses.append(float(loss))
+            correct += float(hits)
+    record = {"epoch": epoch, "loss": float(np.mean(losses)), "train_accuracy": correct / len(order)}
+    record["validation_accuracy"] = tuner.averaged_accuracy(items, labels, splits["validation"])
+    record["seconds"] = time.perf_counter() - t
+    return record, len(order)
+
+
+def _key_settings(arch: Architecture, cfg: FineTuneConfig) -> dict:
+    """What a checkpoint depends on. The names are those the key had before FineTuneConfig existed, so
+    existing checkpoints stay valid."""
+    settings = {
+        "architecture": arch.name,
+        "blocks": cfg.blocks,
+        "learning_rate": cfg.learning_rate,
+        "max_epochs": cfg.max_epochs,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "distortion": cfg.views.id,
+        "label_smoothing": cfg.label_smoothing,
+        "ema": cfg.ema_decay,
     }
+    if cfg.patience != FineTuneConfig.patience:
+        settings["patience"] = cfg.patience
+    return settings
 
 
 def fine_tune(
@@ -266,7 +284,7 @@ def fine_tune(
     train, validation = splits["train"], splits["validation"]
     steps = max(1, len(train) // cfg.batch_size)
     tuner = _Tuner(base, features_model, arch, cfg, kernel, bias, steps)
-    settings = {"architecture": arch.name, **asdict(cfg), "distortion": cfg.views.id}
+    settings = _key_settings(arch, cfg)
     key = checkpoint_key(
         {**settings, "splits": {k: len(v) for k, v in splits.items()}, **(key_parts or {})},
         [items[i] for i in np.concatenate([train, validation])],
@@ -280,9 +298,8 @@ def fine_tune(
     )
     try:
         while not state["done"] and state["epoch"] < cfg.max_epochs:
-            record = _epoch(tuner, items, labels, train, state["epoch"] + 1, steps)
-            record["validation_accuracy"] = tuner.averaged_accuracy(items, labels, validation)
-            best = _record(state, record, best, tuner, cfg, writer, events)
+            record, images = _epoch(tuner, items, labels, splits, state["epoch"] + 1, steps)
+            best = _record(state, record, images, best, tuner, writer, events)
             _save(checkpoint, state, tuner.arrays(best))
         tuner.restore(best)
         test = splits["test"]
@@ -331,9 +348,9 @@ def _resume_or_start(
     return state, tuner.snapshot(), False
 
 
-def _record(state: dict, record: dict, best: list, tuner: _Tuner, cfg: FineTuneConfig, writer, events: Events) -> list:
+def _record(state: dict, record: dict, images: int, best: list, tuner: _Tuner, writer, events: Events) -> list:
     """Log an epoch, keep the best weights so far, decide early stopping; returns the best weights."""
-    epoch, val, tf = record["epoch"], record["validation_accuracy"], tuner.tf
+    epoch, val, tf, cfg = record["epoch"], record["validation_accuracy"], tuner.tf, tuner.cfg
     state["history"].append(record)
     with writer.as_default():
         for name in ("loss", "train_accuracy", "validation_accuracy"):
@@ -341,7 +358,7 @@ def _record(state: dict, record: dict, best: list, tuner: _Tuner, cfg: FineTuneC
     events.step(
         f"Fine-tune epoch {epoch:>2}/{cfg.max_epochs}: train accuracy {record['train_accuracy'] * 100:5.1f}%  "
         f"loss {record['loss']:.4f}  validation accuracy {val * 100:5.1f}%  "
-        f"({record['seconds']:.0f} s, {record['images'] / record['seconds']:.0f} img/s)"
+        f"({record['seconds']:.0f} s, {images / record['seconds']:.0f} img/s)"
     )
     if not np.isfinite(record["loss"]):
         raise FlowerxError(

@@ -8,31 +8,41 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
-AHEAD = 2  # chunks in flight per worker: enough to keep every core busy, little memory
+AHEAD = 2  # tasks in flight per worker by default: enough to keep every core busy, little memory
 
 
-def map_ahead(fn: Callable[[T], R], chunks: Iterable[T], workers: int | None = None, ahead: int = AHEAD) -> Iterator[R]:
-    """fn(chunk) for each chunk on a pool of `workers` threads (default: one per core), at most ahead x workers
-    chunks in flight, results yielded in order. File reads, hashing, PIL decoding and onnxruntime release the
-    GIL, so decoding overlaps the consumer's work. A failure, Ctrl-C or a consumer that stops early cancels
-    the chunks not yet started."""
+@contextmanager
+def map_ahead(
+    fn: Callable[[T], R], tasks: Iterable[T], workers: int | None = None, in_flight: int | None = None
+) -> Iterator[Iterator[R]]:
+    """`with map_ahead(fn, tasks) as results:` fn(task) for each task on a pool of `workers` threads (default:
+    one per core), at most `in_flight` tasks submitted ahead (default: 2 per worker), results in order. File
+    reads, hashing, PIL decoding and onnxruntime release the GIL, so this work overlaps the consumer's.
+    Leaving the block (done, a failure, Ctrl-C, or a consumer that stopped early) cancels the tasks not yet
+    started and waits only for the running ones."""
     workers = workers or os.cpu_count() or 1
-    chunks = iter(chunks)
-    with ThreadPoolExecutor(workers) as pool:
-        pending = deque(pool.submit(fn, chunk) for chunk in itertools.islice(chunks, ahead * workers))
-        try:
-            while pending:
-                result = pending.popleft().result()
-                for chunk in itertools.islice(chunks, 1):
-                    pending.append(pool.submit(fn, chunk))
-                yield result
-        finally:
-            for future in pending:
-                future.cancel()
+    tasks = iter(tasks)
+    pool = ThreadPoolExecutor(workers)
+    pending = deque(pool.submit(fn, task) for task in itertools.islice(tasks, in_flight or AHEAD * workers))
+
+    def results() -> Iterator[R]:
+        while pending:
+            result = pending.popleft().result()
+            for task in itertools.islice(tasks, 1):
+                pending.append(pool.submit(fn, task))
+            yield result
+
+    try:
+        yield results()
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True)
 
 
 def chunked(seq, size: int) -> Iterator:

@@ -27,7 +27,7 @@ from .fileio import atomic_write, check_outputs
 from .head import HeadConfig, accuracy_of, train_head
 from .parallel import chunked, map_ahead
 
-CALIBRATION_IMAGES = 200
+CALIBRATION_IMAGES = 200  # MinMax ranges come from this many training images
 QUANTIZATION = "int8 static QDQ, per-channel weights, MinMax-calibrated activations, head re-fitted"
 
 
@@ -64,12 +64,13 @@ def compute_features(
         return good, network(np.stack(images)) if images else None
 
     features, ok = None, np.zeros(len(items), bool)
-    for good, out in map_ahead(batch, chunked(range(len(items)), batch_size)):
-        if out is None:
-            continue
-        if features is None:
-            features = np.zeros((len(items), out.shape[1]), np.float32)
-        features[good], ok[good] = out, True
+    with map_ahead(batch, chunked(range(len(items)), batch_size)) as done:
+        for good, out in done:
+            if out is None:
+                continue
+            if features is None:
+                features = np.zeros((len(items), out.shape[1]), np.float32)
+            features[good], ok[good] = out, True
     if features is None:
         raise FlowerxError("none of the images can be read")
     return features, ok
@@ -80,13 +81,13 @@ def export_int8(
     image_dir: str,
     max_drop: float = 1.0,
     events: Events = QUIET,
-    steps: int = 4000,
-    learning_rate: float = 0.01,
-    seed: int = 0,
+    head: HeadConfig | None = None,
     follow_links: bool = False,
+    calibration_images: int = CALIBRATION_IMAGES,
 ) -> Int8Result:
     """Write <graph>.int8.onnx beside a flowerx float model, calibrated and re-fitted on image_dir's
-    training split, if its test accuracy is within max_drop points of the float model's."""
+    training split, if its test accuracy is within max_drop points of the float model's. The head is
+    re-fitted as `head` says, by default as the model's training record says it was trained."""
     import onnx
 
     from exporters.int8 import quantize_features, strip_head
@@ -105,9 +106,10 @@ def export_int8(
         features_model = strip_head(model)
     except ExportError as e:
         raise FlowerxError(str(e)) from None
-    head = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name.startswith(HEAD_PREFIX)}
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name.startswith(HEAD_PREFIX)}
 
-    calibration = _calibration_images(items, names, contract.input_size, seed)
+    head_cfg = head or _recorded_head(contract)
+    calibration = _calibration_images(items, names, contract.input_size, head_cfg.seed, calibration_images)
     events.info(f"int8: calibrating on {len(calibration)} training images")
     quantized = quantize_features(features_model, calibration)
     int8_x, ok = compute_features(quantized, items, contract.input_size)
@@ -116,10 +118,11 @@ def export_int8(
     if not len(test):
         raise FlowerxError("no test images to compare the int8 model with")
     float_x, _ = compute_features(features_model.SerializeToString(), [items[i] for i in test], contract.input_size)
-    float_acc = accuracy_of(float_x, y[test], np.arange(len(test)), head[HEAD_KERNEL], head[HEAD_BIAS])
+    float_acc = accuracy_of(float_x, y[test], np.arange(len(test)), weights[HEAD_KERNEL], weights[HEAD_BIAS])
     events.info("int8: re-fitting the head on the int8 network's features")
-    cfg = HeadConfig(steps=steps, learning_rate=learning_rate, eval_interval=steps, seed=seed)
-    kernel, bias, _ = train_head(int8_x, y, splits, len(contract.labels), cfg)
+    kernel, bias, _ = train_head(
+        int8_x, y, splits, len(contract.labels), replace(head_cfg, eval_interval=head_cfg.steps)
+    )
     int8_acc = accuracy_of(int8_x, y, test, kernel, bias)
     drop = (float_acc - int8_acc) * 100
     summary = (
@@ -146,17 +149,36 @@ def _labelled_split(
     return dataset.items, y, names
 
 
-def _calibration_images(items: list[ImageItem], names: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """CALIBRATION_IMAGES readable training images, picked at random (seeded)."""
+def _recorded_head(contract: Contract) -> HeadConfig:
+    """The head's settings as the model's training record has them (defaults for older models)."""
+    config = contract.training.get("config") or {}
+    names = {
+        "steps": "how_many_training_steps",
+        "learning_rate": "learning_rate",
+        "batch_size": "train_batch_size",
+        "validation_batch_size": "validation_batch_size",
+        "seed": "seed",
+    }
+    return HeadConfig(**{k: config[v] for k, v in names.items() if isinstance(config.get(v), (int, float))})
+
+
+def _calibration_images(items: list[ImageItem], names: np.ndarray, size: int, seed: int, count: int) -> np.ndarray:
+    """count readable training images, picked at random (seeded), decoded on all cores."""
     train_items = [items[i] for i in np.flatnonzero(names == "train")]
-    calibration = []
-    for k in np.random.default_rng(seed).permutation(len(train_items)):
+
+    def decode(k: int) -> np.ndarray | None:
         try:
-            calibration.append(prepare_image(train_items[k].path, size))
+            return prepare_image(train_items[k].path, size)
         except ImageError:
-            continue
-        if len(calibration) == CALIBRATION_IMAGES:
-            break
+            return None
+
+    calibration = []
+    with map_ahead(decode, np.random.default_rng(seed).permutation(len(train_items))) as decoded:
+        for image in decoded:
+            if image is not None:
+                calibration.append(image)
+            if len(calibration) == count:
+                break
     if not calibration:
         raise FlowerxError("no readable training images to calibrate the int8 model on")
     return np.stack(calibration)

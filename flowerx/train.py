@@ -27,7 +27,7 @@ from .events import QUIET, Events
 from .fileio import atomic_write, check_folder, check_outputs
 from .finetune import FineTuneConfig, FineTuneResult, cut_layer, fine_tune
 from .head import HeadConfig, predict_logits, sample, train_head
-from .quantize import Int8Result
+from .quantize import Int8Result, export_int8, int8_path
 
 
 def _option(default, help: str, group: str, **more) -> object:
@@ -185,8 +185,6 @@ class TrainConfig:
         """Outputs distinct, writable, and not an input; cache and summary folders not files. Before any work."""
         outputs = {"--output-graph": self.output_graph, "--output-labels": self.labels_path}
         if self.quantize == "int8":
-            from .quantize import int8_path
-
             outputs["the int8 model"] = int8_path(self.output_graph)
         check_outputs(
             outputs, {"weights": weights}, {"image dir": self.image_dir, "bottleneck cache": self.bottleneck_dir}
@@ -407,7 +405,7 @@ class _Job:
     dataset: Dataset
     cache: BottleneckCache
     networks: _Networks
-    summary_dir: Path | None
+    summary_dir: Path | None = None  # this run's TensorBoard folder, made when the head starts training
     timings: dict[str, float] = field(default_factory=dict)
 
     @contextmanager
@@ -457,18 +455,9 @@ def run(cfg: TrainConfig, events: Events = QUIET) -> TrainResult:
     with job.timed("export_s"):
         result.parity_max_diff = _export(job, result, splits, kernel, bias, features_proto)
     if cfg.quantize == "int8":
-        from .quantize import export_int8
-
         with job.timed("int8_s"):
             result.int8 = export_int8(
-                cfg.output_graph,
-                cfg.image_dir,
-                cfg.max_accuracy_drop,
-                events,
-                cfg.how_many_training_steps,
-                cfg.learning_rate,
-                cfg.seed,
-                cfg.follow_links,
+                cfg.output_graph, cfg.image_dir, cfg.max_accuracy_drop, events, cfg.head, cfg.follow_links
             )
     job.timings["total_s"] = time.perf_counter() - start
     return result
@@ -495,12 +484,8 @@ def _prepare(cfg: TrainConfig, events: Events) -> _Job:
     )
     events.detail(f"weights {weights}; bottleneck cache {cfg.bottleneck_dir}")
     cache = BottleneckCache(cfg.bottleneck_dir, arch, weights_fingerprint(weights))
-    summary_dir = None
-    if cfg.summaries_dir:
-        summary_dir = new_run_dir(Path(cfg.summaries_dir).expanduser() / (cfg.experiment_name or arch.name))
-        events.detail(f"TensorBoard summaries in {summary_dir}")
     networks = _Networks(arch, weights, cache.dir, dataset.items, events)
-    return _Job(cfg, events, arch, dataset, cache, networks, summary_dir)
+    return _Job(cfg, events, arch, dataset, cache, networks)
 
 
 def _bottlenecks(job: _Job) -> tuple[np.ndarray, np.ndarray, BottleneckStats]:
@@ -547,6 +532,10 @@ def _head(
     job: _Job, features: np.ndarray, labels: np.ndarray, splits: dict[str, np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """The softmax layer on the bottlenecks (and the distorted views', when a distortion is on)."""
+    cfg = job.cfg
+    if cfg.summaries_dir:
+        job.summary_dir = new_run_dir(Path(cfg.summaries_dir) / (cfg.experiment_name or job.arch.name))
+        job.events.detail(f"TensorBoard summaries in {job.summary_dir}")
     x, y, head_splits = features, labels, splits
     if job.cfg.distortion.active:
         with job.timed("views_s"):
@@ -636,6 +625,8 @@ def _fine_tune_record(cfg: TrainConfig, tuned: FineTuneResult | None) -> dict | 
         "distortion": tuned.distortion,
         "resumed": tuned.resumed,
         "validation_accuracy": _rounded(tuned.validation_accuracy),
+        # the recipe's fixed settings, recorded with the model like the flags
+        **{k: getattr(cfg.fine_tune, k) for k in ("batch_size", "label_smoothing", "ema_decay", "patience")},
     }
 
 
@@ -643,7 +634,7 @@ def _rounded(value: float) -> float | None:
     return round(float(value), 6) if math.isfinite(value) else None
 
 
-def training_record(cfg: TrainConfig, result: TrainResult, presplit: bool) -> dict:
+def training_record(cfg: TrainConfig, result: TrainResult) -> dict:
     """The run as the model's `training` metadata: its figures and every setting that shaped the model."""
     return {
         "test_accuracy": _rounded(result.test_accuracy) if result.test_count else None,
@@ -653,7 +644,7 @@ def training_record(cfg: TrainConfig, result: TrainResult, presplit: bool) -> di
         "split_counts": result.split_counts,
         "testing_percentage": cfg.testing_percentage,
         "validation_percentage": cfg.validation_percentage,
-        "split": "folders" if presplit else "hash",
+        "split": "folders" if result.split_by_folders else "hash",
         "steps": cfg.how_many_training_steps,
         "learning_rate": cfg.learning_rate,
         "distortion": cfg.distortion.id if cfg.distortion.active else None,
@@ -690,7 +681,7 @@ def _export(job: _Job, result: TrainResult, splits: dict[str, np.ndarray], kerne
         input_mean=arch.mean,
         input_std=arch.std,
         flowerx_version=__version__,
-        training=training_record(job.cfg, result, job.dataset.presplit),
+        training=training_record(job.cfg, result),
     )
     try:
         data, diff = export(model, arch.input_size, contract.to_metadata(), check_images, proto=combined)

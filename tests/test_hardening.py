@@ -65,7 +65,7 @@ def test_experiment_name_that_is_a_path_is_refused_and_deletes_nothing(tmp_path,
         name,
         cwd=tmp_path,
     )
-    one_line_error(result, 2, "--experiment-name must be a plain name")
+    one_line_error(result, 2, "--experiment-name must be a plain")
     assert (victim / "precious.txt").read_text() == "keep me"
 
 

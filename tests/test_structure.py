@@ -49,7 +49,7 @@ def _graph() -> dict[str, set[str]]:
 def test_the_package_imports_form_a_dag():
     graph = _graph()
     modules = set(graph)
-    edges = {m: {d for d in deps if d in modules and d != "flowerx"} for m, deps in graph.items()}
+    edges = {m: {d for d in deps if d in modules} for m, deps in graph.items()}
     state: dict[str, int] = {}
 
     def visit(module: str, path: list[str]) -> None:
@@ -177,13 +177,19 @@ def test_old_models_load_and_bad_metadata_is_one_error():
     assert Contract.from_metadata(old, "old.onnx").training == {}
     with pytest.raises(NoMetadataError):
         Contract.from_metadata({}, "bare.onnx")
-    for bad, pattern in (
-        ({**old, "resize": "nearest"}, "resize rule"),
-        ({**old, "input_mean": "x"}, "input_mean"),
-        ({**old, "training": "[1]"}, "not a JSON object"),
-    ):
-        with pytest.raises(FlowerxError, match=pattern):
-            Contract.from_metadata(bad, "m.onnx")
+    with pytest.raises(FlowerxError, match="resize rule"):
+        Contract.from_metadata({**old, "resize": "nearest"}, "m.onnx")
+    for size in ("0", "x"):
+        with pytest.raises(FlowerxError, match="input"):
+            Contract.from_metadata({**old, "input_size": size}, "m.onnx")
+    for size in (224.7, "224", [224], True):  # a caller's input size must be a whole number, not coerced
+        with pytest.raises(FlowerxError, match="input size"):
+            Contract.from_metadata({}, "bare.onnx", labels=["a", "b"], input_size=size)
+    # What only describes the model never stops it from loading; a bad split record is said where it is used.
+    odd = Contract.from_metadata({**old, "input_mean": "x", "training": "[1]"}, "m.onnx")
+    assert odd.input_mean is None
+    with pytest.raises(FlowerxError, match="not a JSON object"):
+        odd.split_percentages("m.onnx")
 
 
 # --- Decoding ahead ---------------------------------------------------------------------------------------
@@ -200,14 +206,13 @@ def test_map_ahead_keeps_order_bounds_work_in_flight_and_stops_on_failure():
             raise ValueError("bad chunk")
         return sum(chunk)
 
-    results = list(map_ahead(work, chunked(list(range(40)), 4), workers=2))
-    assert results == [sum(range(i, i + 4)) for i in range(0, 40, 4)]
+    with map_ahead(work, chunked(list(range(40)), 4), workers=2) as results:
+        assert list(results) == [sum(range(i, i + 4)) for i in range(0, 40, 4)]
     started.clear()
-    with pytest.raises(ValueError, match="bad chunk"):
-        list(map_ahead(work, chunked(list(range(200)), 4), workers=2))
-    assert len(started) <= 11 + 2 * 2 * 2  # chunks 0-10, then the one that failed; the rest was never started
+    with pytest.raises(ValueError, match="bad chunk"), map_ahead(work, chunked(list(range(200)), 4), workers=2) as r:
+        list(r)
+    assert len(started) <= 11 + 2 * 2  # chunks 0-10, then at most the ones in flight; the rest never started
     started.clear()
-    gen = map_ahead(work, chunked(list(range(400)), 4), workers=2)
-    next(gen)
-    gen.close()  # a consumer that stops early cancels what is queued
-    assert len(started) <= 1 + 2 * 2 + 2
+    with map_ahead(work, chunked(list(range(400)), 4), workers=2, in_flight=3) as results:
+        next(results)  # a consumer that stops early: leaving the block cancels what is queued
+    assert len(started) <= 1 + 3 + 1
