@@ -18,7 +18,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from benchmarks.train_speed import run_flowerx_train
+from benchmarks.train_speed import flowers_args, run_flowerx_train
 from flowerx.bench import machine_info
 
 DISTORT = ["--flip-left-right", "--random-scale", "15", "--random-brightness", "10", "--distorted-views", "4"]
@@ -34,21 +34,7 @@ ARCHITECTURES = ("mobilenet_0.25_224", "mobilenet_1.0_224")
 
 def train(arch: str, extra: list[str], shared: Path, work: Path, name: str) -> dict:
     out = work / arch / re.sub(r"\W+", "_", name)
-    args = [
-        "--image-dir",
-        str(shared / "flower_photos"),
-        "--architecture",
-        arch,
-        "--model-dir",
-        str(shared / "models"),
-        "--bottleneck-dir",
-        str(work / "bottlenecks"),
-        "--summaries-dir",
-        "",
-        "--output-graph",
-        str(out / "model.onnx"),
-        *extra,
-    ]
+    args = [*flowers_args(arch, shared, work / "bottlenecks", out / "model.onnx"), *extra]
     wall, peak_mb, result = run_flowerx_train(args, out / "result.json")
     row = {
         "architecture": arch,

@@ -53,22 +53,17 @@ def run_flowerx_train(args: list[str], result_json: Path) -> tuple[float, float,
     return wall, peak_mb, json.loads(result_json.read_text())
 
 
+def flowers_args(arch: str, shared: Path, bottlenecks: Path, graph: Path, summaries: str = "") -> list[str]:
+    """`flowerx train` flags for all the flower photos with the real weights."""
+    return [
+        "--image-dir", str(shared / "flower_photos"), "--architecture", arch, "--model-dir", str(shared / "models"),
+        "--bottleneck-dir", str(bottlenecks), "--summaries-dir", summaries, "--output-graph", str(graph),
+    ]  # fmt: skip
+
+
 def flowerx_train(arch: str, shared: Path, work: Path) -> dict:
     """One `flowerx train` run: wall time, peak RSS, and its phase times."""
-    args = [
-        "--image-dir",
-        str(shared / "flower_photos"),
-        "--architecture",
-        arch,
-        "--model-dir",
-        str(shared / "models"),
-        "--bottleneck-dir",
-        str(work / "bottlenecks"),
-        "--summaries-dir",
-        str(work / "summaries"),
-        "--output-graph",
-        str(work / "model.onnx"),
-    ]
+    args = flowers_args(arch, shared, work / "bottlenecks", work / "model.onnx", str(work / "summaries"))
     wall, peak_mb, result = run_flowerx_train(args, work / "result.json")
     timings = result["timings"]
     return {

@@ -52,6 +52,15 @@ def subset(shared: Path, dest: Path, per_class: int, classes: tuple[str, ...] = 
     return dest
 
 
+def small_train_args(shared: Path, data: Path, work: Path, graph: Path | None = None, steps: str = "200") -> list[str]:
+    """`flowerx train` on a small real dataset with mobilenet_0.25_224 and the real weights, no summaries."""
+    return [
+        "train", "--image-dir", str(data), "--architecture", "mobilenet_0.25_224", "--model-dir",
+        str(shared / "models"), "--bottleneck-dir", str(work / "bn"), "--summaries-dir", "", "--output-graph",
+        str(graph or work / "model.onnx"), "--how-many-training-steps", steps,
+    ]  # fmt: skip
+
+
 def make_image(path: Path, size=(64, 48), mode="RGB", fmt=None, seed=0, **save) -> Path:
     """A random-noise image in any mode/format."""
     rng = np.random.default_rng(seed)

@@ -4,28 +4,14 @@ import json
 import re
 
 import pytest
-from conftest import DAISY, run_cli, subset
+from conftest import DAISY, run_cli, small_train_args, subset
 
 from flowerx import Predictor
 
 
 def train(shared, data, work, *extra):
     return run_cli(
-        "train",
-        "--image-dir",
-        str(data),
-        "--architecture",
-        "mobilenet_0.25_224",
-        "--model-dir",
-        str(shared / "models"),
-        "--bottleneck-dir",
-        str(work / "bn"),
-        "--summaries-dir",
-        "",
-        "--output-graph",
-        str(work / "model.onnx"),
-        "--how-many-training-steps",
-        "200",
+        *small_train_args(shared, data, work, steps="200"),
         "--testing-percentage",
         "20",
         "--validation-percentage",
@@ -105,21 +91,7 @@ def test_interrupted_fine_tuning_resumes_at_its_next_epoch(shared, tmp_path):
 
     data = subset(shared, tmp_path / "data", per_class=15)
     args = [
-        "train",
-        "--image-dir",
-        str(data),
-        "--architecture",
-        "mobilenet_0.25_224",
-        "--model-dir",
-        str(shared / "models"),
-        "--bottleneck-dir",
-        str(tmp_path / "bn"),
-        "--summaries-dir",
-        "",
-        "--output-graph",
-        str(tmp_path / "model.onnx"),
-        "--how-many-training-steps",
-        "200",
+        *small_train_args(shared, data, tmp_path, steps="200"),
         "--testing-percentage",
         "20",
         "--validation-percentage",

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tomllib
-from conftest import make_image, run_cli, solid, subset, write_tiny_model
+from conftest import make_image, run_cli, small_train_args, solid, subset, write_tiny_model
 from PIL import Image
 
 from flowerx import FlowerxError, ImageError, Prediction, Predictor, fileio
@@ -106,23 +106,9 @@ def test_a_diverging_learning_rate_keeps_the_old_model(shared, tmp_path):
     graph = tmp_path / "model.onnx"
     graph.write_bytes(b"the good model")
     result = run_cli(
-        "train",
-        "--image-dir",
-        str(data),
-        "--architecture",
-        "mobilenet_0.25_224",
-        "--model-dir",
-        str(shared / "models"),
-        "--bottleneck-dir",
-        str(tmp_path / "bn"),
-        "--summaries-dir",
-        "",
-        "--output-graph",
-        str(graph),
+        *small_train_args(shared, data, tmp_path, graph, steps="20"),
         "--learning-rate",
         "1e300",
-        "--how-many-training-steps",
-        "20",
         "--eval-step-interval",
         "10",
     )
@@ -293,17 +279,21 @@ def test_archive_whose_folder_is_a_link_to_itself_is_refused(tmp_path):
     assert not (tmp_path / "dest" / "flower_photos").exists()
 
 
-def test_archive_link_pointing_out_of_its_folder_is_refused(tmp_path):
-    archive = tmp_path / "evil.tgz"
+def _archive_with_link(archive: Path, target: str) -> Path:
+    """flower_photos/a.txt and a link flower_photos/x -> target."""
     with tarfile.open(archive, "w:gz") as tar:
         info = tarfile.TarInfo("flower_photos/a.txt")
         info.size = 1
         tar.addfile(info, io.BytesIO(b"a"))
-        link = tarfile.TarInfo("flower_photos/up")
-        link.type, link.linkname = tarfile.SYMTYPE, ".."
+        link = tarfile.TarInfo("flower_photos/x")
+        link.type, link.linkname = tarfile.SYMTYPE, target
         tar.addfile(link)
+    return archive
+
+
+def test_archive_link_pointing_out_of_its_folder_is_refused(tmp_path):
     with pytest.raises(FlowerxError, match="points outside"):
-        fileio.extract_tar(archive, tmp_path / "dest", inner="flower_photos")
+        fileio.extract_tar(_archive_with_link(tmp_path / "evil.tgz", ".."), tmp_path / "dest", inner="flower_photos")
     assert not (tmp_path / "dest").exists()
 
 
@@ -668,26 +658,8 @@ def test_presplit_training_quiet_with_small_split_warnings(shared, tmp_path):
             for f in chosen:
                 (data / split / label / f.name).write_bytes(f.read_bytes())
     graph = tmp_path / "out" / "flowers.onnx"
-    result = run_cli(
-        "train",
-        "-q",
-        "--image-dir",
-        str(data),
-        "--architecture",
-        "mobilenet_0.25_224",
-        "--model-dir",
-        str(shared / "models"),
-        "--bottleneck-dir",
-        str(tmp_path / "bn"),
-        "--summaries-dir",
-        "",
-        "--output-graph",
-        str(graph),
-        "--how-many-training-steps",
-        "50",
-        "--json",
-        str(tmp_path / "result.json"),
-    )
+    args = small_train_args(shared, data, tmp_path, graph, steps="50")
+    result = run_cli(*args, "-q", "--json", str(tmp_path / "result.json"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Step" not in result.stdout and "Bottlenecks" not in result.stdout  # -q: no step lines, no bars
     assert "warning: only 4 validation images" in result.stdout and "warning: only 4 test images" in result.stdout
@@ -983,14 +955,7 @@ def test_experiment_and_summary_paths_that_tensorboard_cannot_take(tmp_path, two
 
 
 def test_archive_links_that_would_leave_once_moved_and_damaged_archives(tmp_path):
-    climbing = tmp_path / "climb.tgz"
-    with tarfile.open(climbing, "w:gz") as tar:
-        info = tarfile.TarInfo("flower_photos/a.txt")
-        info.size = 1
-        tar.addfile(info, io.BytesIO(b"a"))
-        link = tarfile.TarInfo("flower_photos/x")
-        link.type, link.linkname = tarfile.SYMTYPE, "../flower_photos/a.txt"
-        tar.addfile(link)
+    climbing = _archive_with_link(tmp_path / "climb.tgz", "../flower_photos/a.txt")  # fine until the folder moves
     with pytest.raises(FlowerxError, match="points outside"):
         fileio.extract_tar(climbing, tmp_path / "elsewhere", inner="flower_photos")
     good = tmp_path / "good.tar"

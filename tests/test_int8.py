@@ -5,7 +5,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import DAISY, run_cli, subset
+from conftest import DAISY, run_cli, small_train_args, subset
 
 from flowerx import Predictor
 
@@ -15,21 +15,7 @@ def test_quantize_int8_writes_a_faithful_smaller_model_or_refuses(shared, tmp_pa
     data = subset(shared, tmp_path / "data", per_class=25)
     graph = tmp_path / "out" / "model.onnx"
     result = run_cli(
-        "train",
-        "--image-dir",
-        str(data),
-        "--architecture",
-        "mobilenet_0.25_224",
-        "--model-dir",
-        str(shared / "models"),
-        "--bottleneck-dir",
-        str(tmp_path / "bn"),
-        "--summaries-dir",
-        "",
-        "--output-graph",
-        str(graph),
-        "--how-many-training-steps",
-        "300",
+        *small_train_args(shared, data, tmp_path, graph, steps="300"),
         "--testing-percentage",
         "30",
         "--quantize",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli, solid, subset, write_tiny_model
+from conftest import run_cli, small_train_args, solid, subset, write_tiny_model
 from corpus import make_corpus
 from PIL import Image
 
@@ -158,21 +158,7 @@ def _entries(root: Path) -> list[Path]:
 
 def _train_args(shared: Path, data: Path, work: Path, steps: str = "20") -> list[str]:
     return [
-        "train",
-        "--image-dir",
-        str(data),
-        "--architecture",
-        "mobilenet_0.25_224",
-        "--model-dir",
-        str(shared / "models"),
-        "--bottleneck-dir",
-        str(work / "bn"),
-        "--summaries-dir",
-        "",
-        "--output-graph",
-        str(work / "model.onnx"),
-        "--how-many-training-steps",
-        steps,
+        *small_train_args(shared, data, work, steps=steps),
         "--bottleneck-batch-size",
         "8",
     ]
