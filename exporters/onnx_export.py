@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -102,15 +103,43 @@ def check_parity(
     return diff
 
 
+@dataclass
+class Description:
+    """What describes a model besides its graph: metadata_props, a doc string, who made it, its version."""
+
+    metadata: dict[str, object]
+    doc: str = ""
+    producer_version: str = ""
+    model_version: int = 0
+
+
+def describe(proto, description: Description) -> None:
+    """Stamp a model: metadata, doc string, flowerx as producer, model_version, the batch dimension named `N`
+    (tf2onnx leaves `unk__395`) and ONNX's denotations (an IMAGE input of batch, rows, columns, channels)."""
+    set_metadata(proto, description.metadata)
+    proto.doc_string = description.doc
+    proto.producer_name, proto.producer_version = "flowerx", description.producer_version
+    proto.model_version = description.model_version
+    for value in (*proto.graph.input, *proto.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and not dims[0].dim_value:
+            dims[0].dim_param = "N"
+    image = proto.graph.input[0]
+    image.type.denotation = "IMAGE"
+    for dim, name in zip(
+        image.type.tensor_type.shape.dim, ("DATA_BATCH", "DATA_FEATURE", "DATA_FEATURE", "DATA_CHANNEL")
+    ):
+        dim.denotation = name
+
+
 def export(
-    keras_model, input_size: int, metadata: dict[str, object], check_images: np.ndarray, proto=None
+    keras_model, input_size: int, description: Description, check_images: np.ndarray, proto=None
 ) -> tuple[bytes, float]:
-    """Convert (unless proto is given), stamp metadata and verify against keras_model.
+    """Convert (unless proto is given), describe and verify against keras_model.
 
     Returns (serialized model, max parity difference)."""
     proto = proto if proto is not None else keras_to_onnx(keras_model, input_size)
-    set_metadata(proto, metadata)
-    proto.producer_name = "flowerx"
+    describe(proto, description)
     data = proto.SerializeToString()
     diff = check_parity(data, keras_model, check_images)
     return data, diff

@@ -75,7 +75,7 @@ def prepare(args: argparse.Namespace) -> None:
             flowerx_version=__version__,
             extra={"weights": "imagenet" if real else "random"},
         )
-        data, _ = export(model, arch.input_size, contract.to_metadata(), images[:4])
+        data, _ = export(model, arch.input_size, contract.description(__version__), images[:4])
         atomic_write(out / "model.onnx", data)
 
     model.export(str(out / "savedmodel"), format="tf_saved_model", verbose=False)  # endpoint `serve`

@@ -12,6 +12,7 @@ No onnx or onnxruntime import.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 from dataclasses import dataclass, field
@@ -25,16 +26,27 @@ from .errors import FlowerxError
 
 RESIZE_RULE = "bilinear"  # the whole image to S x S, no crop
 MAX_INPUT_SIZE = 4096
+CONTRACT_VERSION = 1  # the graph's interface: uint8 [N, S, S, 3] in, [N, classes] softmax out
+# ONNX's standard image metadata (onnx/docs/MetadataProps.md): what the input pixels are.
+IMAGE_METADATA = {
+    "Image.BitmapPixelFormat": "Rgb8",
+    "Image.ColorSpaceGamma": "SRGB",
+    "Image.NominalPixelRange": "NominalRange_0_255",
+}
+# Written by flowerx 0.1 before the normalisation key was renamed (a reader could apply them twice).
+LEGACY_KEYS = ("input_mean", "input_std")
 KNOWN_KEYS = (
     "labels",
     "input_size",
     "architecture",
     "resize",
-    "input_mean",
-    "input_std",
+    "normalization",
     "flowerx_version",
+    "flowerx_contract",
     "training",
     "quantization",
+    *IMAGE_METADATA,
+    *LEGACY_KEYS,
 )
 
 
@@ -82,13 +94,51 @@ class Contract:
             "input_size": str(self.input_size),
             "architecture": self.architecture,
             "resize": self.resize,
-            "input_mean": self.input_mean,
-            "input_std": self.input_std,
+            "normalization": self.normalization(),
             "flowerx_version": self.flowerx_version,
+            "flowerx_contract": str(CONTRACT_VERSION),
             "training": json.dumps(self.training) if self.training else None,
             "quantization": self.quantization,
         }
-        return {**self.extra, **{k: str(v) for k, v in values.items() if v not in (None, "")}}
+        return {**self.extra, **{k: str(v) for k, v in values.items() if v not in (None, "")}, **IMAGE_METADATA}
+
+    def description(self, flowerx_version: str):
+        """Everything the exporters stamp on the model: metadata, doc string, producer, and a model_version
+        (the UTC time it was made, as YYYYMMDDhhmmss)."""
+        from exporters.onnx_export import Description
+
+        stamp = int(datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d%H%M%S"))
+        return Description(self.to_metadata(), self.doc(), flowerx_version, stamp)
+
+    def normalization(self) -> str | None:
+        """The normalisation the graph applies itself, said so that no client applies it again."""
+        if self.input_mean is None or self.input_std is None:
+            return None
+        return json.dumps(
+            {
+                "mean": self.input_mean,
+                "std": self.input_std,
+                "applied": "inside the graph: feed raw 0-255 pixels, do not normalise",
+            }
+        )
+
+    def doc(self) -> str:
+        """The model's doc string: what a person opening it in any ONNX tool should read."""
+        accuracy = self.training.get("test_accuracy")
+        tested = (
+            f" Test accuracy {accuracy * 100:.1f}% on {self.training.get('test_count')} held-out images."
+            if isinstance(accuracy, (int, float))
+            else ""
+        )
+        shown = ", ".join(self.labels[:20]) + (f", ... ({len(self.labels)} in all)" if len(self.labels) > 20 else "")
+        return (
+            f"flowerx image classifier ({self.architecture or 'unknown network'}"
+            f"{', int8' if self.quantization else ''}) for {len(self.labels)} classes: {shown}.{tested} "
+            f"Input `{INPUT}`: uint8 [N, {self.input_size}, {self.input_size}, 3], RGB (sRGB), upright; the whole "
+            f"image resized to {self.input_size} x {self.input_size} ({self.resize}, no crop); no normalisation "
+            f"(done inside). Output `{OUTPUT}`: float32 [N, {len(self.labels)}] softmax probabilities in the "
+            "order of the `labels` metadata (a JSON list)."
+        )
 
     @classmethod
     def from_metadata(
@@ -125,8 +175,8 @@ class Contract:
             input_size=check_input_size(int(input_size) if isinstance(input_size, np.integer) else input_size, name),
             architecture=meta.get("architecture", ""),
             resize=resize,
-            input_mean=_float(meta, "input_mean"),
-            input_std=_float(meta, "input_std"),
+            input_mean=_normalization(meta, "mean"),
+            input_std=_normalization(meta, "std"),
             flowerx_version=meta.get("flowerx_version", ""),
             training=_lenient(read_training, meta, name),
             quantization=meta.get("quantization"),
@@ -143,11 +193,14 @@ class Contract:
         return self.training.get("split") == "folders"
 
 
-def _float(meta: dict[str, str], key: str) -> float | None:
+def _normalization(meta: dict[str, str], key: str) -> float | None:
+    """The graph's own normalisation constant (informational only: the graph applies it)."""
     try:
-        return float(meta[key])
-    except (KeyError, ValueError):
-        return None  # informational only: the graph normalises by itself
+        if "normalization" in meta:
+            return float(json.loads(meta["normalization"])[key])
+        return float(meta[f"input_{key}"])  # flowerx 0.1's key
+    except (KeyError, ValueError, TypeError):
+        return None
 
 
 def _lenient(read, meta: dict[str, str], name: str) -> dict:

@@ -196,11 +196,13 @@ def _write(
     """The int8 features plus the re-fitted head, with the float model's contract updated, checked, written."""
     import onnx
 
-    from exporters.onnx_export import append_head, set_metadata
+    from exporters.onnx_export import append_head, describe
+
+    from . import __version__
 
     combined = append_head(onnx.load_from_string(quantized), kernel, bias)
     contract = replace(contract, quantization=QUANTIZATION, training={**contract.training, **record})
-    set_metadata(combined, contract.to_metadata())
+    describe(combined, contract.description(__version__))
     data = combined.SerializeToString()
     _check_composition(data, quantized, kernel, bias, images)
     atomic_write(path, data)

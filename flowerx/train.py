@@ -684,7 +684,7 @@ def _export(job: _Job, result: TrainResult, splits: dict[str, np.ndarray], kerne
         training=training_record(job.cfg, result),
     )
     try:
-        data, diff = export(model, arch.input_size, contract.to_metadata(), check_images, proto=combined)
+        data, diff = export(model, arch.input_size, contract.description(__version__), check_images, proto=combined)
     except ExportError as e:
         raise FlowerxError(str(e)) from None
     atomic_write(job.cfg.output_graph, data)

@@ -175,6 +175,8 @@ def test_contract_round_trips_and_keeps_unknown_keys():
 def test_old_models_load_and_bad_metadata_is_one_error():
     old = {"labels": '["a", "b"]', "input_size": "224", "resize": "bilinear"}  # flowerx 0.1's first models
     assert Contract.from_metadata(old, "old.onnx").training == {}
+    legacy = Contract.from_metadata({**old, "input_mean": "127.5", "input_std": "127.5"}, "old.onnx")
+    assert legacy.input_mean == 127.5 and "input_mean" not in legacy.to_metadata()  # renamed on the way out
     with pytest.raises(NoMetadataError):
         Contract.from_metadata({}, "bare.onnx")
     with pytest.raises(FlowerxError, match="resize rule"):
