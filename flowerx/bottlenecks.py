@@ -26,7 +26,7 @@ from .fileio import RefusedFile, read_regular
 from .parallel import chunked, map_ahead
 
 # Bump when the decode rule or the features change, so old entries are never mixed with new ones.
-CACHE_VERSION = "v1"
+CACHE_VERSION = "v2"  # v2: embedded ICC profiles converted to sRGB when decoding
 IN_MEMORY_LIMIT = 1 << 30  # bytes of features kept in RAM; larger datasets are memory-mapped
 
 

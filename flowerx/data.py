@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from .errors import FlowerxError, ImageError
 from .fileio import RefusedFile, download, extract_tar, read_regular
@@ -310,8 +310,10 @@ def open_image(source: ImageSource, min_size: int | None = None, max_bytes: int 
             raise Image.DecompressionBombError(name)
         if image.width == 0 or image.height == 0:
             raise ImageError(name, "image has no pixels (0 x 0)")
+        icc = image.info.get("icc_profile")
         upright = ImageOps.exif_transpose(image)  # a new image (loads the first frame/page); honours EXIF
-        return _to_rgb(upright if upright is not image else image.copy())
+        upright = upright if upright is not image else image.copy()
+        return _to_rgb(_to_srgb(upright, icc) if icc else upright)
     except ImageError:
         raise
     except RefusedFile as e:
@@ -328,6 +330,40 @@ def open_image(source: ImageSource, min_size: int | None = None, max_bytes: int 
         raise ImageError(name, f"image is too large (over {MAX_PIXELS} pixels)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(name, f"cannot decode image ({e})") from None
+
+
+_TRANSFORMS: dict[tuple[bytes, str], object] = {}  # (profile digest, mode) -> ImageCms transform, or None
+_TRANSFORMS_LOCK = threading.Lock()
+
+
+def _to_srgb(image: Image.Image, icc: bytes) -> Image.Image:
+    """image converted from its embedded ICC profile to sRGB, as browsers and most image libraries do (a photo
+    in Adobe RGB or a camera's space otherwise looks washed out or shifted to the network). sRGB profiles and
+    profiles lcms cannot read leave the pixels as they are."""
+    if image.mode not in ("RGB", "RGBA", "CMYK"):
+        return image
+    transform = _srgb_transform(icc, image.mode)
+    return image if transform is None else ImageCms.applyTransform(image, transform)
+
+
+def _srgb_transform(icc: bytes, mode: str):
+    """The profile -> sRGB transform for this mode, built once per distinct profile (cached)."""
+    key = (hashlib.sha1(icc).digest(), mode)
+    with _TRANSFORMS_LOCK:
+        if key not in _TRANSFORMS:
+            try:
+                source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+                if "srgb" in ImageCms.getProfileDescription(source).lower():
+                    transform = None  # already sRGB: the pixels stay exactly as decoded
+                else:
+                    target = ImageCms.createProfile("sRGB")
+                    transform = ImageCms.buildTransform(  # NOCACHE: one transform is shared by every thread
+                        source, target, mode, "RGBA" if mode == "RGBA" else "RGB", flags=ImageCms.Flags.NOCACHE
+                    )
+            except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+                transform = None  # a profile lcms cannot read: keep the pixels rather than fail the image
+            _TRANSFORMS[key] = transform
+        return _TRANSFORMS[key]
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -39,7 +39,7 @@ from .parallel import chunked, map_ahead
 # No --random-crop: its margin always zooms in (views 1.1-1.2x larger than the test images); --random-scale
 # alone zooms 1.0-1.15x at a random position, closer to what the network sees at test time.
 DEFAULT_DISTORTION = Distortion(flip_left_right=True, random_scale=15, random_brightness=10)
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: images decoded to sRGB
 PREDICT_BATCH = 64
 
 

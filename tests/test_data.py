@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import make_image
@@ -111,3 +113,52 @@ def test_an_unloaded_pil_jpeg_decodes_close_to_its_bytes_from_the_object_itself(
     got = prepare_image(image, 64).astype(int)
     want = prepare_image((tmp_path / "moved.jpg").read_bytes(), 64).astype(int)
     assert np.abs(got - want).mean() < 2 and image.size == (1600, 1200)
+
+
+def _swapped_rgb_profile() -> bytes:
+    """A valid RGB matrix profile that is not sRGB: lcms's sRGB with its red and blue primaries swapped (and
+    its name changed), so converting to sRGB swaps red and blue: easy to see, no profile file to ship."""
+    import struct
+
+    from PIL import ImageCms
+
+    icc = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    tags = {}
+    for i in range(struct.unpack(">I", icc[128:132])[0]):
+        signature, offset, size = struct.unpack(">4sII", icc[132 + 12 * i : 144 + 12 * i])
+        tags[signature] = (offset, size)
+    (r, r_size), (b, b_size) = tags[b"rXYZ"], tags[b"bXYZ"]
+    red, blue = bytes(icc[r : r + r_size]), bytes(icc[b : b + b_size])
+    icc[r : r + r_size], icc[b : b + b_size] = blue, red
+    return bytes(icc).replace("sRGB".encode("utf-16-be"), "swap".encode("utf-16-be"))
+
+
+def _with_profile(path: Path, icc: bytes, colour=(180, 90, 40)) -> Path:
+    Image.new("RGB", (40, 30), colour).save(path, "PNG", icc_profile=icc)
+    return path
+
+
+def test_embedded_icc_profiles_are_converted_to_srgb(tmp_path):
+    """Issue 12's colour rule: what browsers and most image stacks show, training and serving alike."""
+    from PIL import ImageCms
+
+    swapped = _with_profile(tmp_path / "swapped.png", _swapped_rgb_profile())
+    assert tuple(np.asarray(open_image(swapped))[0, 0]) == (40, 90, 180)  # red and blue as sRGB shows them
+    assert tuple(np.asarray(Image.open(swapped).convert("RGB"))[0, 0]) == (180, 90, 40)  # the stored values
+    srgb = _with_profile(tmp_path / "srgb.png", ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    np.testing.assert_array_equal(np.asarray(open_image(srgb)), np.asarray(Image.open(srgb).convert("RGB")))
+    broken = _with_profile(tmp_path / "broken.png", b"not a profile at all")
+    assert tuple(np.asarray(open_image(broken))[0, 0]) == (180, 90, 40)  # unreadable profile: pixels kept
+
+
+def test_icc_conversion_is_the_same_from_many_threads(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    icc = _swapped_rgb_profile()
+    paths = [_with_profile(tmp_path / f"{i}.png", icc, (20 * i, 255 - 20 * i, 7 * i)) for i in range(8)]
+    want = [prepare_image(p, 16) for p in paths]
+    assert tuple(want[1][0, 0]) == (7, 235, 20)
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(5):
+            got = list(pool.map(lambda p: prepare_image(p, 16), paths * 4))
+            assert all(np.array_equal(g, want[i % 8]) for i, g in enumerate(got))
