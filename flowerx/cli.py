@@ -230,6 +230,12 @@ def _add_model_flags(p) -> None:
     )
 
 
+def _add_follow_links(p) -> None:
+    p.add_argument(
+        "--follow-links", action="store_true", help="follow folder links that lead outside the folders given"
+    )
+
+
 def _add_classify(sub, common) -> None:
     p = sub.add_parser("classify", parents=[common], help="classify images with a flowerx ONNX model (no TensorFlow)")
     p.add_argument("images", nargs="*", help="image files or folders of images")
@@ -237,7 +243,7 @@ def _add_classify(sub, common) -> None:
     _add_model_flags(p)
     p.add_argument("--top-k", type=int, default=5, help="labels to print per image (default: 5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.add_argument("--follow-links", action="store_true", help="in folders, follow links that lead outside them")
+    _add_follow_links(p)
 
 
 def _add_evaluate(sub, common) -> None:
@@ -256,7 +262,7 @@ def _add_evaluate(sub, common) -> None:
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--output", help="also write the JSON report to this file")
-    p.add_argument("--follow-links", action="store_true", help="follow folder links that lead outside the image dir")
+    _add_follow_links(p)
 
 
 def _add_bench(sub, common) -> None:
@@ -301,7 +307,7 @@ def _add_export_int8(sub, common) -> None:
         default=1.0,
         help="points of test accuracy the int8 model may lose, else it is not written (default: 1.0)",
     )
-    p.add_argument("--follow-links", action="store_true", help="follow folder links that lead outside the image dir")
+    _add_follow_links(p)
 
 
 def _add_download(sub, common) -> None:

@@ -49,22 +49,19 @@ def two_classes(tmp_path) -> Path:
 # 1. --experiment-name is a name, never a path; earlier runs are kept -------------------------------------
 
 
+def _train_experiment(data: Path, summaries: Path, name: str, cwd: Path | None = None):
+    return run_cli(
+        "train", "--image-dir", str(data), "--summaries-dir", str(summaries), "--experiment-name", name, cwd=cwd
+    )
+
+
 @pytest.mark.parametrize("name", ["VICTIM", "../VICTIM", "a/b", "..", "x\x1by"])
 def test_experiment_name_that_is_a_path_is_refused_and_deletes_nothing(tmp_path, two_classes, name):
     victim = tmp_path / "VICTIM"
     victim.mkdir()
     (victim / "precious.txt").write_text("keep me")
     name = str(victim) if name == "VICTIM" else name
-    result = run_cli(
-        "train",
-        "--image-dir",
-        str(two_classes),
-        "--summaries-dir",
-        str(tmp_path / "sum"),
-        "--experiment-name",
-        name,
-        cwd=tmp_path,
-    )
+    result = _train_experiment(two_classes, tmp_path / "sum", name, cwd=tmp_path)
     one_line_error(result, 2, "--experiment-name must be a plain")
     assert (victim / "precious.txt").read_text() == "keep me"
 
@@ -939,19 +936,7 @@ def test_experiment_and_summary_paths_that_tensorboard_cannot_take(tmp_path, two
     )
     (tmp_path / "sum").mkdir()
     (tmp_path / "sum" / "exp").write_text("a file where the experiment's folder goes")
-    one_line_error(
-        run_cli(
-            "train",
-            "--image-dir",
-            str(two_classes),
-            "--summaries-dir",
-            str(tmp_path / "sum"),
-            "--experiment-name",
-            "exp",
-        ),
-        2,
-        "is a file, not a folder",
-    )
+    one_line_error(_train_experiment(two_classes, tmp_path / "sum", "exp"), 2, "is a file, not a folder")
 
 
 def test_archive_links_that_would_leave_once_moved_and_damaged_archives(tmp_path):
