@@ -16,22 +16,26 @@ from pathlib import Path
 import numpy as np
 
 from . import ExportError
-from .names import HEAD_MATMUL, HEAD_PREFIX, INPUT
+from .names import HEAD_MATMUL, HEAD_PREFIX, INPUT, LABELS_PREFIX
 
 
 def strip_head(model):
-    """The feature network of a flowerx model: everything before the `head/` nodes, output = features."""
+    """The feature network of a flowerx model: everything before the `head/` nodes, output = features, its
+    input S x S (contract 2's resize and labels output removed)."""
     import onnx
 
+    from .onnx_export import fixed_size_input
+
+    model = fixed_size_input(model)
     features = next((n.input[0] for n in model.graph.node if n.name == HEAD_MATMUL), None)
     if features is None:
         raise ExportError(f"this model has no flowerx head ({HEAD_MATMUL}): export it with flowerx 0.1 or later")
     stripped = onnx.ModelProto()
     stripped.CopyFrom(model)
-    keep = [n for n in stripped.graph.node if not n.name.startswith(HEAD_PREFIX)]
+    keep = [n for n in stripped.graph.node if not n.name.startswith((HEAD_PREFIX, LABELS_PREFIX))]
     del stripped.graph.node[:]
     stripped.graph.node.extend(keep)
-    weights = [i for i in stripped.graph.initializer if not i.name.startswith(HEAD_PREFIX)]
+    weights = [i for i in stripped.graph.initializer if not i.name.startswith((HEAD_PREFIX, LABELS_PREFIX))]
     del stripped.graph.initializer[:]
     stripped.graph.initializer.extend(weights)
     del stripped.graph.output[:]

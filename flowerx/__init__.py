@@ -13,7 +13,7 @@ from .errors import FlowerxError, ImageError
 if TYPE_CHECKING:  # type checkers see the lazy names below
     from .predictor import Prediction, Predictor
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["Predictor", "Prediction", "FlowerxError", "ImageError", "__version__"]
 
 

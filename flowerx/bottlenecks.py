@@ -26,7 +26,9 @@ from .fileio import RefusedFile, read_regular
 from .parallel import chunked, map_ahead
 
 # Bump when the decode rule or the features change, so old entries are never mixed with new ones.
-CACHE_VERSION = "v2"  # v2: embedded ICC profiles converted to sRGB when decoding
+# v2: embedded ICC profiles converted to sRGB; v3: the contract's own resize (onnxruntime), and large JPEGs
+# decoded at >= 4x the input size
+CACHE_VERSION = "v3"
 IN_MEMORY_LIMIT = 1 << 30  # bytes of features kept in RAM; larger datasets are memory-mapped
 
 
@@ -110,7 +112,8 @@ def stream_session(model: str | os.PathLike | bytes) -> Callable[[np.ndarray], n
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = model if isinstance(model, bytes) else str(model)
     session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    return lambda batch: session.run(None, {INPUT: batch})[0]
+    first = [session.get_outputs()[0].name]  # features or probs, not a model's constant `labels`
+    return lambda batch: session.run(first, {INPUT: batch})[0]
 
 
 def _allocate(shape: tuple[int, ...], dtype: np.dtype, folder: Path) -> np.ndarray:

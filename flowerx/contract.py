@@ -1,9 +1,13 @@
 """The flowerx model contract: what an exported ONNX file promises the apps that run it.
 
-  input  `image`: uint8 [N, S, S, 3] RGB, the whole image resized to S x S (bilinear); normalised inside.
+Version 2 (flowerx 0.2 on):
+  input  `image`: uint8 [N, H, W, 3] RGB (sRGB, upright), any size: the graph resizes the whole image to
+         S x S itself (bilinear, antialiased as PIL's) and normalises it. A client only decodes.
   output `probs`: float32 [N, num_classes], softmax, in label order.
-  metadata_props: labels (JSON list), input_size, architecture, resize, input_mean/input_std (applied
-  inside the graph), flowerx_version, training (JSON record of the run), quantization (int8 models).
+  output `labels`: uint8 [L], the labels as a UTF-8 JSON list (the same as the `labels` metadata).
+Version 1 (earlier models, still read everywhere): input uint8 [N, S, S, 3], the client resizes; no `labels`.
+  metadata_props: labels (JSON list), input_size, architecture, resize, normalization (applied inside the
+  graph), flowerx_version, flowerx_contract, training (JSON record of the run), quantization (int8 models).
 
 `Contract` is the one typed description of it: training and int8 export write it (`to_metadata`), the
 Predictor, evaluate and bench read it (`from_metadata`), and every check of what a model carries is here.
@@ -20,13 +24,22 @@ from dataclasses import dataclass, field
 import numpy as np
 
 # Tensor and node names of the graph, defined by the exporters that write it (exporters imports no flowerx).
-from exporters.names import FEATURES, HEAD_BIAS, HEAD_KERNEL, HEAD_MATMUL, HEAD_PREFIX, INPUT, OUTPUT  # noqa: F401
+from exporters.names import (  # noqa: F401
+    FEATURES,
+    HEAD_BIAS,
+    HEAD_KERNEL,
+    HEAD_MATMUL,
+    HEAD_PREFIX,
+    INPUT,
+    LABELS,
+    OUTPUT,
+)
 
 from .errors import FlowerxError
 
 RESIZE_RULE = "bilinear"  # the whole image to S x S, no crop
 MAX_INPUT_SIZE = 4096
-CONTRACT_VERSION = 1  # the graph's interface: uint8 [N, S, S, 3] in, [N, classes] softmax out
+CONTRACT_VERSION = 2  # the graph's interface: uint8 [N, H, W, 3] in (resized inside), softmax and labels out
 # ONNX's standard image metadata (onnx/docs/MetadataProps.md): what the input pixels are.
 IMAGE_METADATA = {
     "Image.BitmapPixelFormat": "Rgb8",
@@ -85,10 +98,12 @@ class Contract:
     flowerx_version: str = ""
     training: dict = field(default_factory=dict)  # the run's record: accuracies, split, configuration
     quantization: str | None = None  # how an int8 model was made; None for a float model
+    version: int = CONTRACT_VERSION  # 1: the client resizes to S x S; 2: the graph takes any size
     extra: dict[str, str] = field(default_factory=dict)  # metadata keys flowerx does not know, kept as they are
 
     def to_metadata(self) -> dict[str, str]:
-        """The ONNX metadata_props (strings; lists and dicts as JSON), as the contract documents them."""
+        """The ONNX metadata_props (strings; lists and dicts as JSON), as the contract documents them (every
+        model flowerx writes is of the current version)."""
         values = {
             "labels": json.dumps(self.labels),
             "input_size": str(self.input_size),
@@ -108,7 +123,7 @@ class Contract:
         from exporters.onnx_export import Description
 
         stamp = int(datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d%H%M%S"))
-        return Description(self.to_metadata(), self.doc(), flowerx_version, stamp)
+        return Description(self.to_metadata(), self.labels, self.input_size, self.doc(), flowerx_version, stamp)
 
     def normalization(self) -> str | None:
         """The normalisation the graph applies itself, said so that no client applies it again."""
@@ -131,13 +146,15 @@ class Contract:
             else ""
         )
         shown = ", ".join(self.labels[:20]) + (f", ... ({len(self.labels)} in all)" if len(self.labels) > 20 else "")
+        size = f"{self.input_size} x {self.input_size}"
         return (
             f"flowerx image classifier ({self.architecture or 'unknown network'}"
             f"{', int8' if self.quantization else ''}) for {len(self.labels)} classes: {shown}.{tested} "
-            f"Input `{INPUT}`: uint8 [N, {self.input_size}, {self.input_size}, 3], RGB (sRGB), upright; the whole "
-            f"image resized to {self.input_size} x {self.input_size} ({self.resize}, no crop); no normalisation "
-            f"(done inside). Output `{OUTPUT}`: float32 [N, {len(self.labels)}] softmax probabilities in the "
-            "order of the `labels` metadata (a JSON list)."
+            f"Input `{INPUT}`: uint8 [N, H, W, 3], RGB (sRGB), upright, the decoded image at any size: the model "
+            f"resizes the whole image to {size} itself ({self.resize}, antialiased, no crop) and normalises it, "
+            "so feed the decoded pixels and do nothing else. "
+            f"Output `{OUTPUT}`: float32 [N, {len(self.labels)}] softmax probabilities in label order. Output "
+            f"`{LABELS}`: the labels as a UTF-8 JSON list (uint8 bytes), also in the `labels` metadata."
         )
 
     @classmethod
@@ -180,6 +197,7 @@ class Contract:
             flowerx_version=meta.get("flowerx_version", ""),
             training=_lenient(read_training, meta, name),
             quantization=meta.get("quantization"),
+            version=_version(meta, name),
             extra={k: v for k, v in meta.items() if k not in KNOWN_KEYS},
         )
 
@@ -191,6 +209,17 @@ class Contract:
     def split_by_folders(self) -> bool:
         """Whether the run's split came from train/, val/, test/ folders."""
         return self.training.get("split") == "folders"
+
+
+def _version(meta: dict[str, str], name: str) -> int:
+    """The contract version a model says it follows (1 for models written before the key existed)."""
+    value = meta.get("flowerx_contract", "1")
+    if not value.isdigit() or not 1 <= int(value) <= CONTRACT_VERSION:
+        raise FlowerxError(
+            f"{name} follows flowerx model contract {value[:20]!r}; this flowerx reads versions 1 to "
+            f"{CONTRACT_VERSION} (a newer flowerx may read it)"
+        )
+    return int(value)
 
 
 def _normalization(meta: dict[str, str], key: str) -> float | None:

@@ -14,6 +14,7 @@ import unicodedata
 import urllib.error
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -347,23 +348,36 @@ def _to_srgb(image: Image.Image, icc: bytes) -> Image.Image:
 
 
 def _srgb_transform(icc: bytes, mode: str):
-    """The profile -> sRGB transform for this mode, built once per distinct profile (cached)."""
+    """The profile -> sRGB transform for this mode, built once per distinct profile (cached); None for a
+    profile that is sRGB in effect, as browsers decide it (skcms compares profiles numerically, not by name):
+    the transform moves no colour of a probe grid by more than one level. A name is no proof: 14 flower
+    photos carry an "sRGB Profile" whose conversion moves pixels by 1.6 levels on average, as Chromium,
+    sharp and Pillow's own ImageCms do."""
     key = (hashlib.sha1(icc).digest(), mode)
     with _TRANSFORMS_LOCK:
         if key not in _TRANSFORMS:
             try:
                 source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-                if "srgb" in ImageCms.getProfileDescription(source).lower():
+                target = ImageCms.createProfile("sRGB")
+                transform = ImageCms.buildTransform(  # NOCACHE: one transform is shared by every thread
+                    source, target, mode, "RGBA" if mode == "RGBA" else "RGB", flags=ImageCms.Flags.NOCACHE
+                )
+                if mode == "RGB" and _moves_at_most_one_level(transform):
                     transform = None  # already sRGB: the pixels stay exactly as decoded
-                else:
-                    target = ImageCms.createProfile("sRGB")
-                    transform = ImageCms.buildTransform(  # NOCACHE: one transform is shared by every thread
-                        source, target, mode, "RGBA" if mode == "RGBA" else "RGB", flags=ImageCms.Flags.NOCACHE
-                    )
             except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
                 transform = None  # a profile lcms cannot read: keep the pixels rather than fail the image
             _TRANSFORMS[key] = transform
         return _TRANSFORMS[key]
+
+
+_PROBE = Image.fromarray(  # every combination of 16 levels per channel (0, 17, ..., 255): 4096 colours
+    np.stack(np.meshgrid(*[np.arange(0, 256, 17, dtype=np.uint8)] * 3, indexing="ij"), -1).reshape(64, 64, 3)
+)
+
+
+def _moves_at_most_one_level(transform) -> bool:
+    converted = np.asarray(ImageCms.applyTransform(_PROBE, transform), dtype=np.int16)
+    return int(np.abs(converted - np.asarray(_PROBE, dtype=np.int16)).max()) <= 1
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -393,14 +407,48 @@ def _from_array(array: np.ndarray) -> Image.Image:
     return _to_rgb(Image.fromarray(np.ascontiguousarray(array)))
 
 
+_RESIZER: list = []  # the resize session, made on first use (importing flowerx loads no onnxruntime)
+_RESIZER_LOCK = threading.Lock()
+
+
+def _resizer():
+    """flowerx/resize.onnx on onnxruntime: the contract's own Resize node (exporters.onnx_export._resize_node),
+    one thread per call, shared by every decoding thread (onnxruntime's run is thread-safe)."""
+    with _RESIZER_LOCK:
+        if not _RESIZER:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = options.inter_op_num_threads = 1
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.log_severity_level = 3
+            model = (resources.files("flowerx") / "resize.onnx").read_bytes()
+            _RESIZER.append(ort.InferenceSession(model, options, providers=["CPUExecutionProvider"]))
+        return _RESIZER[0]
+
+
 def resize(image: Image.Image, size: int) -> np.ndarray:
-    """The whole image (no crop) to size x size, bilinear, as uint8 [S, S, 3]."""
-    return np.asarray(image.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    """The whole image (no crop) to size x size as uint8 [S, S, 3]: bilinear, antialiased when it shrinks, by
+    the very Resize node a contract-2 model runs on the pixels a client feeds it, so the two agree exactly
+    (PIL's bilinear differs from it by 1 level on some pixels, which moved mobilenet_1.0_224's probabilities by
+    up to 0.033). Faster than PIL's too (0.7 vs 0.8 ms for a 500 x 333 photo)."""
+    pixels = np.asarray(image.convert("RGB") if image.mode != "RGB" else image, dtype=np.uint8)
+    if pixels.shape[:2] == (size, size):
+        return pixels
+    sizes = np.array([1, size, size, 3], np.int64)
+    return _resizer().run(None, {"image": pixels[None], "sizes": sizes})[0][0]
+
+
+# A JPEG is decoded at a DCT scale (1/2, 1/4, 1/8) that keeps both sides >= DRAFT_FACTOR x S, then resized.
+# Contract-2 clients decode in full and let the model resize; measured on 120 enlarged test photos (2-12x,
+# up to 12 MP), the Predictor's probabilities then differ from theirs by at most 0.015 (p99 0.008), where
+# decoding at >= 1 x S differed by up to 0.085. Cost for a 12 MP photo: 35 ms, not 10 ms (full decode: 99 ms).
+DRAFT_FACTOR = 4
 
 
 def prepare_image(source: ImageSource, size: int, max_bytes: int | None = None) -> np.ndarray:
     """Decode, turn upright, convert to RGB and resize: the model's uint8 input for one image."""
-    return resize(open_image(source, min_size=size, max_bytes=max_bytes), size)
+    return resize(open_image(source, min_size=size * DRAFT_FACTOR, max_bytes=max_bytes), size)
 
 
 FLOWERS_URL = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"

@@ -6,6 +6,7 @@ own metadata, so callers never guess. Everything read from a model is checked wh
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .contract import Contract, check_labels
+from .contract import LABELS, OUTPUT, Contract, check_labels
 from .data import ImageSource, prepare_image
 from .errors import FlowerxError
 from .fileio import RefusedFile, check_regular, read_regular
@@ -132,8 +133,11 @@ class Predictor:
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self.labels, self.input_size = self._read_contract(labels, input_size)
         self._input = self.session.get_inputs()[0].name
-        self._output = self.session.get_outputs()[0].name
+        outputs = [o.name for o in self.session.get_outputs()]
+        self._output = OUTPUT if OUTPUT in outputs else outputs[0]
         self.probabilities_out = self._warm_up()
+        if LABELS in outputs and self.contract.version >= 2:
+            self._check_labels_output()
 
     def _read_contract(self, labels: Sequence[str] | None, input_size: int | None) -> tuple[list[str], int]:
         name = self.path.name
@@ -142,6 +146,9 @@ class Predictor:
         size = int(input_size)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         shape = inputs[0].shape
+        # Contract 2 takes any size (H and W dynamic) and resizes inside; version 1 wants S x S.
+        dynamic = len(shape) == 4 and not any(isinstance(d, int) for d in shape[1:3])
+        self.any_size = self.contract.version >= 2 and dynamic
         if (
             len(inputs) != 1
             or len(shape) != 4
@@ -151,9 +158,10 @@ class Predictor:
             raise FlowerxError(f"{name}: input must be one [N, {size}, {size}, 3] tensor, got {shape}")
         if inputs[0].type != "tensor(uint8)":
             raise FlowerxError(f"{name}: input must be uint8 RGB, got {inputs[0].type}")
-        out = outputs[0].shape
-        if outputs[0].type not in ("tensor(float)", "tensor(double)", "tensor(float16)"):
-            raise FlowerxError(f"{name}: output must be float scores, got {outputs[0].type}")
+        probs = next((o for o in outputs if o.name == OUTPUT), outputs[0])
+        out = probs.shape
+        if probs.type not in ("tensor(float)", "tensor(double)", "tensor(float16)"):
+            raise FlowerxError(f"{name}: output must be float scores, got {probs.type}")
         if len(out) != 2:
             raise FlowerxError(f"{name}: output must be one [N, classes] tensor, got shape {out}")
         if isinstance(out[1], int) and out[1] != len(labels):
@@ -184,6 +192,17 @@ class Predictor:
             raise FlowerxError(f"{self.path.name}: the model fails on a test image ({first[:200]})") from None
         return bool((out >= 0).all() and abs(float(out.sum()) - 1) < 1e-3)
 
+    def _check_labels_output(self) -> None:
+        """A contract-2 model's `labels` output (UTF-8 JSON bytes) must say what its metadata says."""
+        grey = np.full((1, self.input_size, self.input_size, 3), 128, np.uint8)
+        try:
+            data = self.session.run([LABELS], {self._input: grey})[0]
+            labels = json.loads(np.asarray(data, np.uint8).tobytes().decode("utf-8"))
+        except Exception as e:  # a tensor that is not UTF-8 JSON bytes
+            raise FlowerxError(f"{self.path.name}: unreadable `{LABELS}` output ({str(e)[:100]})") from None
+        if labels != self.labels:
+            raise FlowerxError(f"{self.path.name}: its `{LABELS}` output and its labels metadata differ")
+
     def __repr__(self) -> str:
         shown = ", ".join(map(repr, self.labels[:5])) + (", ..." if len(self.labels) > 5 else "")
         return (
@@ -197,15 +216,16 @@ class Predictor:
 
     def probabilities(self, images: Sequence[ImageSource] | np.ndarray) -> np.ndarray:
         """Class probabilities [N, num_classes] in label order, for images or a ready uint8 [N, S, S, 3] batch
-        (an ndarray of 2 or 3 dimensions is one image). No images: an empty [0, num_classes] array."""
+        (a contract-2 model also takes [N, H, W, 3] of any size and resizes it itself; an ndarray of 2 or 3
+        dimensions is one image). No images: an empty [0, num_classes] array."""
         if isinstance(images, np.ndarray) and images.ndim in (2, 3):
             images = [images]
         if isinstance(images, np.ndarray):
             size = self.input_size
-            if images.ndim != 4 or images.shape[1:] != (size, size, 3) or images.dtype != np.uint8:
-                raise FlowerxError(
-                    f"a ready batch must be uint8 [N, {size}, {size}, 3], got {images.dtype} {list(images.shape)}"
-                )
+            ready = images.ndim == 4 and images.shape[3] == 3 and images.dtype == np.uint8
+            if not ready or (images.shape[1:3] != (size, size) and not (self.any_size and min(images.shape[1:3]))):
+                want = "[N, H, W, 3]" if self.any_size else f"[N, {size}, {size}, 3]"
+                raise FlowerxError(f"a ready batch must be uint8 {want}, got {images.dtype} {list(images.shape)}")
             batch = images
         else:
             images = _as_list(images, "probabilities")

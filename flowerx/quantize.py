@@ -19,7 +19,7 @@ import numpy as np
 from exporters import ExportError
 
 from .bottlenecks import stream_session
-from .contract import HEAD_BIAS, HEAD_KERNEL, HEAD_PREFIX, Contract
+from .contract import CONTRACT_VERSION, HEAD_BIAS, HEAD_KERNEL, HEAD_PREFIX, Contract
 from .data import ImageItem, discover, prepare_image, split_names
 from .errors import FlowerxError, ImageError
 from .events import QUIET, Events
@@ -196,14 +196,15 @@ def _write(
     """The int8 features plus the re-fitted head, with the float model's contract updated, checked, written."""
     import onnx
 
-    from exporters.onnx_export import append_head, describe
+    from exporters.onnx_export import append_head, package
 
     from . import __version__
 
     combined = append_head(onnx.load_from_string(quantized), kernel, bias)
-    contract = replace(contract, quantization=QUANTIZATION, training={**contract.training, **record})
-    describe(combined, contract.description(__version__))
-    data = combined.SerializeToString()
+    contract = replace(
+        contract, quantization=QUANTIZATION, training={**contract.training, **record}, version=CONTRACT_VERSION
+    )
+    data = package(combined, contract.description(__version__)).SerializeToString()
     _check_composition(data, quantized, kernel, bias, images)
     atomic_write(path, data)
 

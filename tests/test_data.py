@@ -1,3 +1,4 @@
+import io
 from pathlib import Path
 
 import numpy as np
@@ -115,7 +116,7 @@ def test_an_unloaded_pil_jpeg_decodes_close_to_its_bytes_from_the_object_itself(
     assert np.abs(got - want).mean() < 2 and image.size == (1600, 1200)
 
 
-def _swapped_rgb_profile() -> bytes:
+def _swapped_rgb_profile(rename: bool = True) -> bytes:
     """A valid RGB matrix profile that is not sRGB: lcms's sRGB with its red and blue primaries swapped (and
     its name changed), so converting to sRGB swaps red and blue: easy to see, no profile file to ship."""
     import struct
@@ -130,7 +131,7 @@ def _swapped_rgb_profile() -> bytes:
     (r, r_size), (b, b_size) = tags[b"rXYZ"], tags[b"bXYZ"]
     red, blue = bytes(icc[r : r + r_size]), bytes(icc[b : b + b_size])
     icc[r : r + r_size], icc[b : b + b_size] = blue, red
-    return bytes(icc).replace("sRGB".encode("utf-16-be"), "swap".encode("utf-16-be"))
+    return bytes(icc).replace("sRGB".encode("utf-16-be"), "swap".encode("utf-16-be")) if rename else bytes(icc)
 
 
 def _with_profile(path: Path, icc: bytes, colour=(180, 90, 40)) -> Path:
@@ -147,6 +148,10 @@ def test_embedded_icc_profiles_are_converted_to_srgb(tmp_path):
     assert tuple(np.asarray(Image.open(swapped).convert("RGB"))[0, 0]) == (180, 90, 40)  # the stored values
     srgb = _with_profile(tmp_path / "srgb.png", ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
     np.testing.assert_array_equal(np.asarray(open_image(srgb)), np.asarray(Image.open(srgb).convert("RGB")))
+    # a profile is judged by what it does, not by its name (14 flower photos carry an "sRGB Profile" that is not)
+    named = _with_profile(tmp_path / "named.png", _swapped_rgb_profile(rename=False))
+    assert "sRGB" in ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(_swapped_rgb_profile(False))))
+    assert tuple(np.asarray(open_image(named))[0, 0]) == (40, 90, 180)
     broken = _with_profile(tmp_path / "broken.png", b"not a profile at all")
     assert tuple(np.asarray(open_image(broken))[0, 0]) == (180, 90, 40)  # unreadable profile: pixels kept
 

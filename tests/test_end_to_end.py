@@ -37,18 +37,22 @@ def test_rerun_reuses_every_bottleneck_and_gives_the_same_model(trained):
 
 def test_onnx_contract(trained):
     session = ort.InferenceSession(str(trained["model"]), providers=["CPUExecutionProvider"])
-    (inp,), (out,) = session.get_inputs(), session.get_outputs()
-    assert inp.name == "image" and inp.type == "tensor(uint8)" and inp.shape[1:] == [224, 224, 3]
-    assert not isinstance(inp.shape[0], int)  # dynamic batch
-    assert out.name == "probs" and out.type == "tensor(float)" and out.shape[1] == 5
+    (inp,), (out, labels) = session.get_inputs(), session.get_outputs()
+    assert inp.name == "image" and inp.type == "tensor(uint8)" and inp.shape == ["N", "H", "W", 3]  # contract 2
+    assert out.name == "probs" and out.type == "tensor(float)" and out.shape == ["N", 5]
+    assert labels.name == "labels" and labels.type == "tensor(uint8)"
     meta = session.get_modelmeta().custom_metadata_map
+    assert meta["flowerx_contract"] == "2"
     assert json.loads(meta["labels"]) == ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
     assert (meta["input_size"], meta["architecture"], meta["resize"]) == ("224", "mobilenet_0.25_224", "bilinear")
     training = json.loads(meta["training"])
     assert training["image_count"] == 3136 and 0.82 <= training["test_accuracy"] <= 1
     assert meta["flowerx_version"]
-    probs = session.run(None, {"image": np.zeros((3, 224, 224, 3), np.uint8)})[0]
+    probs, names = session.run(None, {"image": np.zeros((3, 224, 224, 3), np.uint8)})
     assert probs.shape == (3, 5) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert json.loads(names.tobytes().decode("utf-8")) == json.loads(meta["labels"])
+    probs = session.run(["probs"], {"image": np.zeros((2, 333, 500, 3), np.uint8)})[0]  # any size: resized inside
+    assert probs.shape == (2, 5) and np.allclose(probs.sum(1), 1, atol=1e-5)
 
 
 def test_classify_tutorial_daisy(trained, shared):

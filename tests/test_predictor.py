@@ -111,3 +111,44 @@ def test_cuda_without_a_gpu_is_a_clear_error_and_auto_falls_back(model, monkeypa
     with pytest.raises(FlowerxError, match="onnxruntime-gpu in place of onnxruntime, and a GPU"):
         Predictor(model, providers="cuda")
     assert Predictor(model, providers="auto").provider == "CPUExecutionProvider"
+
+
+def _contract_2(tmp_path, labels=("red", "green", "blue"), meta_labels=None, version="2"):
+    """write_tiny_model's network behind contract 2's front (any size in, labels out), as flowerx exports."""
+    import json
+
+    onnx = pytest.importorskip("onnx")
+    from exporters.onnx_export import package
+    from flowerx.contract import Contract
+
+    proto = onnx.load(write_tiny_model(tmp_path / "v1.onnx", labels))
+    model = package(proto, Contract(list(labels), 8, "tiny").description("t"))
+    for entry in model.metadata_props:
+        if entry.key == "labels" and meta_labels is not None:
+            entry.value = json.dumps(meta_labels)
+        if entry.key == "flowerx_contract":
+            entry.value = version
+    onnx.save(model, tmp_path / "v2.onnx")
+    return tmp_path / "v2.onnx"
+
+
+def test_contract_2_takes_any_size_and_version_1_still_loads(model, tmp_path):
+    v2 = Predictor(_contract_2(tmp_path))
+    assert v2.contract.version == 2 and v2.any_size and v2.labels == ["red", "green", "blue"]
+    photo = solid(tmp_path / "g.png", (10, 200, 10), size=(300, 120))
+    assert v2.predict(photo)[0].label == "green"
+    big = np.full((2, 120, 300, 3), (200, 10, 10), np.uint8)  # a ready batch at its own size: resized inside
+    assert v2.probabilities(big).argmax(1).tolist() == [0, 0]
+    assert np.allclose(v2.probabilities(big), v2.probabilities(big[:, :8, :8]), atol=1e-6)
+    v1 = Predictor(model)  # a model written before contract 2: fixed S x S, no labels output
+    assert v1.contract.version == 1 and not v1.any_size
+    assert np.allclose(v1.probabilities([photo]), v2.probabilities([photo]), atol=1e-6)
+    with pytest.raises(FlowerxError, match=r"uint8 \[N, 8, 8, 3\]"):
+        v1.probabilities(big)
+
+
+def test_contract_2_labels_output_must_match_metadata_and_newer_contracts_are_refused(tmp_path):
+    with pytest.raises(FlowerxError, match="`labels` output and its labels metadata differ"):
+        Predictor(_contract_2(tmp_path, meta_labels=["green", "red", "blue"]))
+    with pytest.raises(FlowerxError, match="follows flowerx model contract '3'"):
+        Predictor(_contract_2(tmp_path, version="3"))
