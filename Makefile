@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine (see README):
 #   make demo   create .venv, install flowerx with its extras, train on the flower photos, classify a daisy
-#   make test   create .venv, install flowerx with its extras, lint (ruff), run the test suite
+#   make test   create .venv, install flowerx with its extras and the conformance suite's Node clients (where
+#               npm is), lint (ruff), run the test suite
 # make bench regenerates benchmarks/results/ and benchmarks/README.md (several minutes; keep the machine quiet).
 # make accuracy regenerates benchmarks/results/accuracy.json, the README's accuracy table (about 20 minutes).
 PYTHON ?= python3
@@ -19,13 +20,24 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+# The conformance suite's Node clients (onnxruntime-node, sharp, onnxruntime-web), pinned by the lock file.
+# npm runs no install scripts here (onnxruntime-node's would fetch CUDA files). Without npm the suite skips them.
+CLIENTS = benchmarks/clients
+$(CLIENTS)/node_modules/.installed: $(CLIENTS)/package.json $(CLIENTS)/package-lock.json
+	@if command -v npm >/dev/null; then \
+		cd $(CLIENTS) && ONNXRUNTIME_NODE_INSTALL=skip npm ci --ignore-scripts --no-audit --no-fund --loglevel=error \
+		&& touch node_modules/.installed; \
+	else echo "npm not found: the conformance suite will skip its Node and browser clients"; fi
+
+clients: $(CLIENTS)/node_modules/.installed
+
 demo: $(BIN)/.installed
 	$(BIN)/flowerx train --image-dir $(SHARED)/flower_photos --model-dir $(SHARED)/models \
 		--architecture $(ARCH) --output-graph $(MODEL) \
 		--bottleneck-dir .flowerx/bottlenecks --summaries-dir .flowerx/summaries
 	$(BIN)/flowerx classify $(SHARED)/flower_photos/daisy/21652746_cc379e0eea_m.jpg --graph $(MODEL)
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed clients
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	FLOWERX_SHARED=$${FLOWERX_SHARED:-$(abspath $(SHARED))} $(BIN)/python -m pytest -q
@@ -47,4 +59,9 @@ bench: $(BIN)/.installed
 accuracy: $(BIN)/.installed
 	$(BIN)/python -m benchmarks.accuracy --shared $(SHARED) --json $(RESULTS)/accuracy.json
 
-.PHONY: install demo test bench accuracy
+conformance: $(BIN)/.installed clients
+	test -f runs/mobilenet_1.0_224/model.onnx || $(MAKE) demo ARCH=mobilenet_1.0_224
+	$(BIN)/python -m benchmarks.conformance --graph runs/mobilenet_1.0_224/model.onnx \
+		--image-dir $(SHARED)/flower_photos --json $(RESULTS)/conformance.json --screenshot $(RESULTS)/web_export.png
+
+.PHONY: install clients demo test bench accuracy conformance

@@ -310,6 +310,25 @@ def _add_export_int8(sub, common) -> None:
     _add_follow_links(p)
 
 
+def _add_export(sub, common) -> None:
+    p = sub.add_parser("export", parents=[common], help="package a trained model for another platform")
+    kinds = p.add_subparsers(dest="target", required=True, metavar="TARGET")
+    web = kinds.add_parser(
+        "web",
+        parents=[common],
+        help="a static web page that classifies photos in the browser (onnxruntime-web)",
+        description="Write DIR/index.html, its script, the model and its labels: a page that classifies a "
+        "dropped or pasted photo in the browser. Serve DIR with any static server (python -m http.server).",
+    )
+    web.add_argument("--graph", default="model.onnx", help="the trained model (default: model.onnx)")
+    web.add_argument("--out", required=True, metavar="DIR", help="folder to write: new, empty or an earlier export")
+    web.add_argument(
+        "--ort-from",
+        metavar="NODE_MODULES",
+        help="copy onnxruntime-web from this node_modules (offline use) instead of loading it from its CDN",
+    )
+
+
 def _add_download(sub, common) -> None:
     p = sub.add_parser(
         "download-flowers", parents=[common], help="download the tutorial's flower photos (CC-BY) to train on"
@@ -325,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(parser, default=0)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _common()
-    for add in (_add_train, _add_classify, _add_evaluate, _add_bench, _add_export_int8, _add_download):
+    for add in (_add_train, _add_classify, _add_evaluate, _add_bench, _add_export_int8, _add_export, _add_download):
         add(sub, common)
     return parser
 
@@ -627,6 +646,15 @@ def cmd_export_int8(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .webexport import export_web
+
+    result = export_web(args.graph, args.out, args.ort_from)
+    say(out, f"Wrote {result.out}/ ({', '.join(result.files)}); onnxruntime-web from {result.ort}")
+    say(out, f"Try it: python -m http.server -d {result.out} 8000, then open http://localhost:8000/")
+    return 0
+
+
 def cmd_download_flowers(args: argparse.Namespace) -> int:
     from .data import download_flowers
 
@@ -645,6 +673,7 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "bench": cmd_bench,
     "export-int8": cmd_export_int8,
+    "export": cmd_export,
     "download-flowers": cmd_download_flowers,
 }
 

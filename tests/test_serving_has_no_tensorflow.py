@@ -1,4 +1,5 @@
-"""The serving path (import flowerx, Predictor, classify, evaluate) never imports TensorFlow, tf2onnx or onnx."""
+"""The serving path (import flowerx, Predictor, classify, evaluate, export web) never imports TensorFlow, tf2onnx
+or onnx, for models of either contract version."""
 
 import subprocess
 import sys
@@ -12,20 +13,35 @@ from flowerx import Predictor
 from flowerx.cli import main
 code = main(["classify", sys.argv[1], "--graph", sys.argv[2]])
 code += main(["evaluate", "--graph", sys.argv[2], "--image-dir", sys.argv[3]])
+code += main(["classify", sys.argv[1], "--graph", sys.argv[4]])
+code += main(["export", "web", "--graph", sys.argv[4], "--out", sys.argv[5]])
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tf2onnx", "onnx", "keras"))
 print("HEAVY", heavy, "CODE", code)
 """
 
 
 def test_classify_and_evaluate_import_no_training_stack(tmp_path):
+    import onnx
+
+    from exporters.onnx_export import package
+    from flowerx.contract import Contract
+
     model = write_tiny_model(tmp_path / "m.onnx")
+    onnx.save(package(onnx.load(model), Contract(["red", "green", "blue"], 8).description("t")), tmp_path / "v2.onnx")
     for label, colour in (("red", (250, 0, 0)), ("green", (0, 250, 0))):
         (tmp_path / "set" / label).mkdir(parents=True)
         solid(tmp_path / "set" / label / "1.png", colour)
     result = subprocess.run(
-        [sys.executable, "-c", PROBE, str(tmp_path / "set" / "red" / "1.png"), str(model), str(tmp_path / "set")],
+        [
+            sys.executable,
+            "-c",
+            PROBE,
+            *map(str, (tmp_path / "set" / "red" / "1.png", model, tmp_path / "set", tmp_path / "v2.onnx")),
+            str(tmp_path / "site"),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert "HEAVY [] CODE 0" in result.stdout, result.stdout + result.stderr
+    assert (tmp_path / "site" / "index.html").is_file()
