@@ -90,7 +90,7 @@ def append_head(features_proto, kernel: np.ndarray, bias: np.ndarray):
 
 def _resize_node(image: str, sizes: str, output: str, name: str):
     """The contract's resize: linear, half-pixel centres, antialiased (PIL's bilinear, which low-pass filters
-    when it shrinks), on uint8 pixels. flowerx's own decode runs the same node (RESIZE_MODEL), so the pixels
+    when it shrinks), on uint8 pixels. flowerx's own decode runs the same node (resize_model), so the pixels
     a model sees are the same whether flowerx or the graph resized them (tests/test_export.py checks it)."""
     from onnx import helper
 
@@ -107,7 +107,7 @@ def _resize_node(image: str, sizes: str, output: str, name: str):
 
 
 def resize_model():
-    """RESIZE_MODEL, the resize alone: uint8 `image` [N, H, W, 3] and int64 `sizes` [4] in, `resized` out. Shipped as
+    """The resize alone: uint8 `image` [N, H, W, 3] and int64 `sizes` [4] in, `resized` out. Shipped as
     flowerx/resize.onnx (the base install has no onnx package to build it); a test checks the two agree."""
     from onnx import TensorProto, helper
 
@@ -138,7 +138,7 @@ def any_size_input(proto, input_size: int):
     prefix = PREPROCESS_PREFIX
     nchw = prefix + "nchw"
     # Resized as NCHW (sizes [N, C, S, S]): OpenCV 5's DNN resizes the last two axes whatever the layout (on
-    # NHWC it resized W and C, not H and W). Bit-identical to RESIZE_MODEL's NHWC resize, and no slower on
+    # NHWC it resized W and C, not H and W). Bit-identical to resize_model's NHWC resize, and no slower on
     # onnxruntime (its transpose optimizer folds the transposes): 17 ms for a 12 MP photo.
     front = [
         helper.make_node("Transpose", [INPUT], [nchw], name=prefix + "ToNCHW", perm=[0, 3, 1, 2]),

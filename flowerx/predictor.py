@@ -136,7 +136,7 @@ class Predictor:
         outputs = [o.name for o in self.session.get_outputs()]
         self._output = OUTPUT if OUTPUT in outputs else outputs[0]
         self.probabilities_out = self._warm_up()
-        if LABELS in outputs and self.contract.version >= 2:
+        if LABELS in outputs and self.contract.version >= 2 and labels is None:  # given labels override both
             self._check_labels_output()
 
     def _read_contract(self, labels: Sequence[str] | None, input_size: int | None) -> tuple[list[str], int]:

@@ -150,5 +150,7 @@ def test_contract_2_takes_any_size_and_version_1_still_loads(model, tmp_path):
 def test_contract_2_labels_output_must_match_metadata_and_newer_contracts_are_refused(tmp_path):
     with pytest.raises(FlowerxError, match="`labels` output and its labels metadata differ"):
         Predictor(_contract_2(tmp_path, meta_labels=["green", "red", "blue"]))
+    renamed = Predictor(_contract_2(tmp_path), labels=["rot", "grün", "blau"])  # labels given by the caller win
+    assert renamed.labels == ["rot", "grün", "blau"]
     with pytest.raises(FlowerxError, match="follows flowerx model contract '3'"):
         Predictor(_contract_2(tmp_path, version="3"))
