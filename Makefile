@@ -64,4 +64,11 @@ conformance: $(BIN)/.installed clients
 	$(BIN)/python -m benchmarks.conformance --graph runs/mobilenet_1.0_224/model.onnx \
 		--image-dir $(SHARED)/flower_photos --json $(RESULTS)/conformance.json --screenshot $(RESULTS)/web_export.png
 
-.PHONY: install clients demo test bench accuracy conformance
+# flowerx serve against the in-process Predictor: throughput, latency, soak (about 10 minutes; keep the machine quiet).
+serve-bench: $(BIN)/.installed
+	test -f runs/mobilenet_1.0_224/model.onnx || $(MAKE) demo ARCH=mobilenet_1.0_224
+	test -f runs/mobilenet_0.25_224/model.onnx || $(MAKE) demo ARCH=mobilenet_0.25_224
+	$(BIN)/python -m benchmarks.serve --graph runs/mobilenet_1.0_224/model.onnx --image-dir $(SHARED)/flower_photos \
+		--soak-graph runs/mobilenet_0.25_224/model.onnx --json $(RESULTS)/serve.json
+
+.PHONY: install clients demo test bench accuracy conformance serve-bench

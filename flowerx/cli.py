@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import os
 import re
 import sys
@@ -329,6 +330,45 @@ def _add_export(sub, common) -> None:
     )
 
 
+def _add_serve(sub, common) -> None:
+    from .serve import ServeConfig
+
+    d = ServeConfig(graphs=[])
+    p = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="serve models over HTTP: classify, KServe v2, health, metrics, a page",
+        description='Serve models over HTTP (pip install "flowerx[serve]"). Binds to localhost unless --host '
+        "says otherwise; SIGTERM or Ctrl-C drains in-flight requests and exits 0; SIGHUP reloads the models.",
+    )
+    p.add_argument("--graph", nargs="+", required=True, metavar="[NAME=]MODEL", help="models to serve")
+    flags = (  # (flag, ServeConfig field, type, help); each default is ServeConfig's
+        ("--host", "host", str, "address to bind"),
+        ("--port", "port", int, "port"),
+        ("--workers", "workers", int, "processes (one per core to use)"),
+        ("--threads", "threads", int, "onnxruntime threads per model (0: its default)"),
+        ("--decode-threads", "decode_threads", int, "decoding threads (0: one per core)"),
+        ("--max-batch", "max_batch", int, "images per model call"),
+        ("--max-wait-ms", "max_wait_ms", float, "how long a batch may wait for more images"),
+        ("--max-queue", "max_queue", int, "images queued per model before 503"),
+        ("--max-body-mb", "max_body_mb", float, "request size limit (413 past it)"),
+        ("--request-timeout", "request_timeout_s", float, "seconds a client may take to send its request"),
+        ("--top-k", "top_k", int, "labels per image unless ?top_k="),
+    )
+    for flag, name, kind, text in flags:
+        p.add_argument(
+            flag, dest=name, type=kind, default=getattr(d, name), help=f"{text} (default: {getattr(d, name)})"
+        )
+    p.add_argument("--watch", action="store_true", help="reload a model when its file is replaced")
+    p.add_argument(
+        "--log-format",
+        dest="log_format",
+        choices=("text", "json"),
+        default=d.log_format,
+        help="one line per request (default: text)",
+    )
+
+
 def _add_download(sub, common) -> None:
     p = sub.add_parser(
         "download-flowers", parents=[common], help="download the tutorial's flower photos (CC-BY) to train on"
@@ -344,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(parser, default=0)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _common()
-    for add in (_add_train, _add_classify, _add_evaluate, _add_bench, _add_export_int8, _add_export, _add_download):
+    adders = (_add_train, _add_classify, _add_evaluate, _add_bench, _add_export_int8, _add_export, _add_serve)
+    for add in (*adders, _add_download):
         add(sub, common)
     return parser
 
@@ -655,6 +696,47 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+class _LogLine(logging.Formatter):
+    """flowerx serve's log lines: text, or one JSON object a line; a request's fields as they are (no image
+    data ever reaches a log)."""
+
+    def __init__(self, as_json: bool):
+        super().__init__()
+        self.as_json = as_json
+
+    def format(self, record: logging.LogRecord) -> str:
+        http = getattr(record, "http", None)
+        when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        if self.as_json:
+            return json.dumps({"time": when, "level": record.levelname.lower(), "message": record.getMessage(),
+                               **(http or {})})  # fmt: skip
+        if http:
+            extra = " ".join(f"{k}={v}" for k, v in http.items() if k not in ("method", "route", "status", "ms") and v)
+            text = f"{http['method']} {http['route']} {http['status']} {http['ms']:.1f} ms {extra}".rstrip()
+        else:
+            text = record.getMessage()
+        return printable(f"{when} {record.levelname.lower()} {text}")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve import ServeConfig, serve
+    except ModuleNotFoundError as e:
+        raise FlowerxError(f'flowerx serve needs {e.name}: pip install "flowerx[serve]"') from None
+    cfg = ServeConfig(graphs=args.graph, **{f.name: getattr(args, f.name) for f in fields(ServeConfig)[1:]})
+    cfg.check()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogLine(cfg.log_format == "json"))
+    for name in ("flowerx", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(logging.WARNING if args.verbosity < 0 else logging.INFO)
+        logger.propagate = False
+    say(err, f"flowerx serve: http://{cfg.host}:{cfg.port}/ ({', '.join(cfg.models())})")
+    serve(cfg)
+    return 0
+
+
 def cmd_download_flowers(args: argparse.Namespace) -> int:
     from .data import download_flowers
 
@@ -674,6 +756,7 @@ COMMANDS = {
     "bench": cmd_bench,
     "export-int8": cmd_export_int8,
     "export": cmd_export,
+    "serve": cmd_serve,
     "download-flowers": cmd_download_flowers,
 }
 

@@ -1,9 +1,10 @@
 """`flowerx export web`: a static folder that classifies photos in the browser with onnxruntime-web (wasm).
 
-The folder holds index.html, flowerx.js (the page's script: decode, run, show the top 5), the model and its
-labels. It works from any static server (`python -m http.server`), never from file:// (browsers refuse wasm
-there). onnxruntime-web comes from a CDN at a pinned version with its integrity hash, or, for offline use,
-is copied from a local node_modules. No TensorFlow, no onnx: a serving install exports.
+The folder holds index.html, flowerx.js (the page's script: decode and run), page.js (show the top 5; shared
+with flowerx serve's page), flowerx.css, the model and its labels. It works from any static server
+(`python -m http.server`), never from file:// (browsers refuse wasm there). onnxruntime-web comes from a CDN
+at a pinned version with its integrity hash, or, for offline use, is copied from a local node_modules.
+No TensorFlow, no onnx: a serving install exports.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ ORT_SCRIPT_SRI = "sha384-Bw6URI+Gvoadw0do7/QrSHUC9D1vCYYK5OSqChFyhyV5mzPL4oe2rOA
 # What the script loads itself at run time (from wasmPaths): the wasm binary and its loader.
 ORT_RUNTIME_FILES = ("ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
 MARKER = ".flowerx-web"  # says a folder is a flowerx web export, so a later export may write into it again
-PAGE_FILES = ("index.html", "flowerx.js")
+PAGE_FILES = ("index.html", "flowerx.js", "page.js", "flowerx.css")
 
 
 @dataclass
@@ -104,12 +105,12 @@ def export_web(
         page = _page(predictor, f"ort/{ORT_SCRIPT}", "", "ort/")
     else:
         page = _page(predictor, ORT_WEB_CDN + ORT_SCRIPT, ORT_SCRIPT_SRI, ORT_WEB_CDN)
-    script = resources.files("flowerx").joinpath("web/flowerx.js").read_bytes()
+    web = resources.files("flowerx").joinpath("web")
     contents = {
         "model.onnx": read_regular(graph),
         "labels.txt": ("\n".join(predictor.labels) + "\n").encode("utf-8"),
         "index.html": page.encode("utf-8"),
-        "flowerx.js": script,
+        **{name: web.joinpath(name).read_bytes() for name in PAGE_FILES[1:]},
         **{name: read_regular(source) for name, source in copied.items()},
     }
     atomic_write(out / MARKER, json.dumps({"onnxruntime_web": version, "local": bool(dist)}).encode())

@@ -138,6 +138,18 @@ def write_tiny_model(
     return path
 
 
+def write_tiny_v2_model(path: Path, labels=("red", "green", "blue"), training: dict | None = None) -> Path:
+    """write_tiny_model's network as flowerx exports it (contract 2: any size in, labels out); needs onnx."""
+    onnx = pytest.importorskip("onnx")
+    from exporters.onnx_export import package
+    from flowerx.contract import Contract
+
+    proto = onnx.load(write_tiny_model(path.with_name(f".{path.stem}.v1.onnx"), labels))
+    contract = Contract(list(labels), 8, "tiny", training=training or {})
+    onnx.save(package(proto, contract.description("test")), path)
+    return path
+
+
 def solid(path: Path, colour, size=(30, 20)) -> Path:
     Image.new("RGB", size, colour).save(path)
     return path

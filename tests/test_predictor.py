@@ -2,7 +2,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import solid, write_tiny_model
+from conftest import solid, write_tiny_model, write_tiny_v2_model
 from PIL import Image
 
 from flowerx import FlowerxError, ImageError, Predictor
@@ -113,16 +113,12 @@ def test_cuda_without_a_gpu_is_a_clear_error_and_auto_falls_back(model, monkeypa
     assert Predictor(model, providers="auto").provider == "CPUExecutionProvider"
 
 
-def _contract_2(tmp_path, labels=("red", "green", "blue"), meta_labels=None, version="2"):
-    """write_tiny_model's network behind contract 2's front (any size in, labels out), as flowerx exports."""
+def _contract_2(tmp_path, meta_labels=None, version="2"):
+    """A contract-2 model, its metadata edited (labels, contract version)."""
     import json
 
     onnx = pytest.importorskip("onnx")
-    from exporters.onnx_export import package
-    from flowerx.contract import Contract
-
-    proto = onnx.load(write_tiny_model(tmp_path / "v1.onnx", labels))
-    model = package(proto, Contract(list(labels), 8, "tiny").description("t"))
+    model = onnx.load(write_tiny_v2_model(tmp_path / "v2.onnx"))
     for entry in model.metadata_props:
         if entry.key == "labels" and meta_labels is not None:
             entry.value = json.dumps(meta_labels)

@@ -1,10 +1,10 @@
-"""The serving path (import flowerx, Predictor, classify, evaluate, export web) never imports TensorFlow, tf2onnx
-or onnx, for models of either contract version."""
+"""The serving path (import flowerx, Predictor, classify, evaluate, export web, serve) never imports TensorFlow,
+tf2onnx or onnx, for models of either contract version."""
 
 import subprocess
 import sys
 
-from conftest import solid, write_tiny_model
+from conftest import solid, write_tiny_model, write_tiny_v2_model
 
 PROBE = """
 import sys
@@ -15,19 +15,15 @@ code = main(["classify", sys.argv[1], "--graph", sys.argv[2]])
 code += main(["evaluate", "--graph", sys.argv[2], "--image-dir", sys.argv[3]])
 code += main(["classify", sys.argv[1], "--graph", sys.argv[4]])
 code += main(["export", "web", "--graph", sys.argv[4], "--out", sys.argv[5]])
+import flowerx.serve  # the HTTP server's whole module graph
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tf2onnx", "onnx", "keras"))
 print("HEAVY", heavy, "CODE", code)
 """
 
 
 def test_classify_and_evaluate_import_no_training_stack(tmp_path):
-    import onnx
-
-    from exporters.onnx_export import package
-    from flowerx.contract import Contract
-
     model = write_tiny_model(tmp_path / "m.onnx")
-    onnx.save(package(onnx.load(model), Contract(["red", "green", "blue"], 8).description("t")), tmp_path / "v2.onnx")
+    write_tiny_v2_model(tmp_path / "v2.onnx")
     for label, colour in (("red", (250, 0, 0)), ("green", (0, 250, 0))):
         (tmp_path / "set" / label).mkdir(parents=True)
         solid(tmp_path / "set" / label / "1.png", colour)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, write_tiny_model
+from conftest import run_cli, write_tiny_model, write_tiny_v2_model
 
 from flowerx import FlowerxError
 from flowerx.webexport import MARKER, ORT_SCRIPT, ORT_SCRIPT_SRI, ORT_WEB_CDN, ORT_WEB_VERSION, export_web
@@ -17,22 +17,15 @@ CLIENTS = Path(__file__).resolve().parents[1] / "benchmarks" / "clients"
 
 @pytest.fixture
 def v2_model(tmp_path):
-    onnx = pytest.importorskip("onnx")
-    from exporters.onnx_export import package
-    from flowerx.contract import Contract
-
     labels = ["daisy", "<script>alert(1)</script>", "rosé & co"]
-    proto = onnx.load(write_tiny_model(tmp_path / "v1.onnx", labels))
-    model = package(proto, Contract(labels, 8, "tiny", training={"test_accuracy": 0.9}).description("t"))
-    onnx.save(model, tmp_path / "model.onnx")
-    return tmp_path / "model.onnx"
+    return write_tiny_v2_model(tmp_path / "model.onnx", labels, training={"test_accuracy": 0.9})
 
 
 def test_export_web_writes_a_page_with_the_pinned_cdn_script(v2_model, tmp_path):
     out = tmp_path / "site"
     result = export_web(v2_model, out)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [MARKER, "flowerx.js", "index.html", "labels.txt", "model.onnx"]
+        [MARKER, "flowerx.css", "flowerx.js", "index.html", "labels.txt", "model.onnx", "page.js"]
     )
     assert result.files and (out / "model.onnx").read_bytes() == v2_model.read_bytes()
     page = (out / "index.html").read_text()

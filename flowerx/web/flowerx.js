@@ -3,7 +3,7 @@
 // alpha on white, at the photo's own size. Nothing leaves the page.
 "use strict";
 (() => {
-  const $ = (id) => document.getElementById(id);
+  const { setStatus, onPhoto } = window.flowerxPage; // page.js: status line, bars, drop/paste/choose
   const TOP_K = 5;
   // Where the wasm runtime is, as an absolute URL (onnxruntime-web resolves a relative one against its script).
   ort.env.wasm.wasmPaths = new URL(window.FLOWERX_WASM_PATHS, document.baseURI).href;
@@ -19,11 +19,6 @@
     setStatus("Ready: drop, paste or choose a photo.");
   })();
   ready.catch((e) => setStatus(`The model did not load: ${e.message || e}`, true));
-
-  function setStatus(text, error = false) {
-    $("status").textContent = text;
-    $("status").classList.toggle("error", error);
-  }
 
   // Decoded pixels of an image file: RGB uint8, sRGB, EXIF orientation applied, transparency on white.
   async function pixelsOf(blob) {
@@ -66,61 +61,12 @@
     return { ...result, width, height, decode_ms: decoded - start, model_ms: end - decoded, ms: end - start };
   }
 
-  function show(result) {
-    const list = $("results");
-    list.replaceChildren();
-    for (const { label, score } of result.predictions.slice(0, TOP_K)) {
-      const item = document.createElement("li");
-      const name = document.createElement("span");
-      name.className = "label";
-      name.textContent = label; // text, never markup: a label is data
-      name.title = label;
-      const bar = document.createElement("div");
-      bar.className = "bar";
-      bar.style.width = `${(score * 100).toFixed(1)}%`;
-      const value = document.createElement("span");
-      value.className = "score";
-      value.textContent = `${(score * 100).toFixed(1)}%`;
-      item.append(name, bar, value);
-      list.append(item);
-    }
-    setStatus(
+  onPhoto(async (file) => {
+    const result = await classify(file);
+    const status =
       `${result.width} x ${result.height} photo classified in ${result.ms.toFixed(0)} ms ` +
-        `(decode ${result.decode_ms.toFixed(0)} ms, model ${result.model_ms.toFixed(0)} ms).`,
-    );
-  }
-
-  async function handle(file) {
-    if (!file) return;
-    const preview = $("preview");
-    if (preview.src) URL.revokeObjectURL(preview.src);
-    preview.src = URL.createObjectURL(file);
-    preview.hidden = false;
-    setStatus("Classifying…");
-    try {
-      show(await classify(file));
-    } catch (e) {
-      $("results").replaceChildren();
-      setStatus(`Cannot classify this file: ${e.message || e}`, true);
-    }
-  }
-
-  const drop = $("drop");
-  $("file").addEventListener("change", (e) => handle(e.target.files[0]));
-  drop.addEventListener("keydown", (e) => (e.key === "Enter" || e.key === " ") && $("file").click());
-  drop.addEventListener("dragover", (e) => {
-    e.preventDefault();
-    drop.classList.add("over");
-  });
-  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-  drop.addEventListener("drop", (e) => {
-    e.preventDefault();
-    drop.classList.remove("over");
-    handle(e.dataTransfer.files[0]);
-  });
-  document.addEventListener("paste", (e) => {
-    const item = [...e.clipboardData.items].find((i) => i.type.startsWith("image/"));
-    if (item) handle(item.getAsFile());
+      `(decode ${result.decode_ms.toFixed(0)} ms, model ${result.model_ms.toFixed(0)} ms).`;
+    return { predictions: result.predictions.slice(0, TOP_K), status };
   });
 
   // For scripts and tests driving the page: the same decode and model as a dropped photo.
