@@ -68,8 +68,9 @@ class Batcher:
             self.decoding -= 1
 
     def check_room(self, images: int) -> None:
-        if self.queued + images > self.max_queue:
-            raise Overloaded(f"{self.queued} images queued (the limit is {self.max_queue})")
+        """Overloaded unless `images` more fit: images queued and still decoding count."""
+        if self.queued + self.decoding + images > self.max_queue:
+            raise Overloaded(f"{self.queued + self.decoding} images queued (the limit is {self.max_queue})")
 
     async def submit(self, pixels: np.ndarray) -> np.ndarray:
         """The probabilities of one S x S image, computed in some batch."""

@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import logging
 import os
-import re
 import sys
 import threading
 import time
@@ -29,6 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import FlowerxError, ImageError
+from .events import printable
 
 DESCRIPTION = (
     "Teach an ImageNet network new image classes in minutes: train a new last layer on your folders "
@@ -48,22 +47,6 @@ out = Console(
     width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200,
 )
 err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
-
-# Control characters, line separators, bidi embeddings/overrides/isolates, undecodable bytes (surrogates).
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
-
-
-def _escape_char(match: re.Match) -> str:
-    c = match.group()
-    if "\ud800" <= c <= "\udfff":  # a byte of a name that is not UTF-8 (os.fsdecode's surrogateescape)
-        return f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else f"\\u{ord(c):04x}"
-    return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(c, f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
-
-
-def printable(text: object) -> str:
-    """text with control characters, bidi overrides and undecodable bytes shown as escapes (\\x1b, \\n):
-    a name can neither drive the terminal nor break a line. Print it as plain text (Text), not markup."""
-    return _UNPRINTABLE.sub(_escape_char, str(text))
 
 
 def say(console: Console, text: object, style: str = "") -> None:
@@ -351,6 +334,7 @@ def _add_serve(sub, common) -> None:
         ("--max-batch", "max_batch", int, "images per model call"),
         ("--max-wait-ms", "max_wait_ms", float, "how long a batch may wait for more images"),
         ("--max-queue", "max_queue", int, "images queued per model before 503"),
+        ("--max-requests", "max_requests", int, "classify requests in progress (bodies in memory) before 503"),
         ("--max-body-mb", "max_body_mb", float, "request size limit (413 past it)"),
         ("--request-timeout", "request_timeout_s", float, "seconds a client may take to send its request"),
         ("--top-k", "top_k", int, "labels per image unless ?top_k="),
@@ -696,42 +680,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-class _LogLine(logging.Formatter):
-    """flowerx serve's log lines: text, or one JSON object a line; a request's fields as they are (no image
-    data ever reaches a log)."""
-
-    def __init__(self, as_json: bool):
-        super().__init__()
-        self.as_json = as_json
-
-    def format(self, record: logging.LogRecord) -> str:
-        http = getattr(record, "http", None)
-        when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
-        if self.as_json:
-            return json.dumps({"time": when, "level": record.levelname.lower(), "message": record.getMessage(),
-                               **(http or {})})  # fmt: skip
-        if http:
-            extra = " ".join(f"{k}={v}" for k, v in http.items() if k not in ("method", "route", "status", "ms") and v)
-            text = f"{http['method']} {http['route']} {http['status']} {http['ms']:.1f} ms {extra}".rstrip()
-        else:
-            text = record.getMessage()
-        return printable(f"{when} {record.levelname.lower()} {text}")
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from .serve import ServeConfig, serve
     except ModuleNotFoundError as e:
         raise FlowerxError(f'flowerx serve needs {e.name}: pip install "flowerx[serve]"') from None
-    cfg = ServeConfig(graphs=args.graph, **{f.name: getattr(args, f.name) for f in fields(ServeConfig)[1:]})
+    cfg = ServeConfig(
+        graphs=args.graph, **{f.name: getattr(args, f.name) for f in fields(ServeConfig) if f.name in args}
+    )
     cfg.check()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_LogLine(cfg.log_format == "json"))
-    for name in ("flowerx", "uvicorn.error"):
-        logger = logging.getLogger(name)
-        logger.handlers[:] = [handler]
-        logger.setLevel(logging.WARNING if args.verbosity < 0 else logging.INFO)
-        logger.propagate = False
+    if args.verbosity < 0:
+        cfg.log_level = "warning"
     say(err, f"flowerx serve: http://{cfg.host}:{cfg.port}/ ({', '.join(cfg.models())})")
     serve(cfg)
     return 0

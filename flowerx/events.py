@@ -6,6 +6,7 @@ models named); a program that embeds flowerx passes its own callbacks, or none.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,3 +37,20 @@ class Events:
 
 
 QUIET = Events()
+
+
+# Control characters, line separators, bidi embeddings/overrides/isolates, undecodable bytes (surrogates).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def _escape_char(match: re.Match) -> str:
+    c = match.group()
+    if "\ud800" <= c <= "\udfff":  # a byte of a name that is not UTF-8 (os.fsdecode's surrogateescape)
+        return f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else f"\\u{ord(c):04x}"
+    return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(c, f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def printable(text: object) -> str:
+    """text with control characters, bidi overrides and undecodable bytes shown as escapes (\\x1b, \\n):
+    a name can neither drive the terminal nor break a line. Print it as plain text (Text), not markup."""
+    return _UNPRINTABLE.sub(_escape_char, str(text))

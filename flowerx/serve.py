@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -37,6 +38,7 @@ from . import __version__
 from .batching import Batcher, Overloaded
 from .data import resize
 from .errors import FlowerxError, ImageError
+from .events import printable
 from .predictor import Predictor
 
 log = logging.getLogger("flowerx.serve")
@@ -58,16 +60,23 @@ class ServeConfig:
     max_batch: int = 32
     max_wait_ms: float = 5.0
     max_queue: int = 256  # images queued per model before 503
+    max_requests: int = 64  # classify/infer requests in progress (bodies held in memory) before 503
     max_body_mb: float = 20.0
     request_timeout_s: float = 30.0  # reading a request's body
     top_k: int = 5  # default ?top_k=
     watch: bool = False
     log_format: str = "text"
+    log_level: str = "info"  # "warning" with -q
 
     def check(self) -> None:
         if not self.graphs:
             raise FlowerxError("give at least one model (--graph model.onnx)")
-        for name, value in (("--max-batch", self.max_batch), ("--max-queue", self.max_queue), ("--top-k", self.top_k)):
+        counts = (
+            ("--max-batch", self.max_batch),
+            ("--max-queue", self.max_queue),
+            ("--max-requests", self.max_requests),
+        )
+        for name, value in (*counts, ("--top-k", self.top_k)):
             if value < 1:
                 raise FlowerxError(f"{name} must be at least 1, got {value}")
         for name, value in (("--max-wait-ms", self.max_wait_ms), ("--request-timeout", self.request_timeout_s)):
@@ -178,7 +187,19 @@ class Server:
         self.infer_pool = ThreadPoolExecutor(max(1, len(self.models)), thread_name_prefix="flowerx-infer")
         self.load_pool = ThreadPoolExecutor(1, thread_name_prefix="flowerx-load")  # reloads never stall serving
         self.ready = False
+        self.active = 0  # classify/infer requests in progress
         self._tasks: list[asyncio.Task] = []
+
+    @contextlib.contextmanager
+    def admit(self):
+        """Around a classify or infer request: past --max-requests at once, 503 before its body is read."""
+        if self.active >= self.cfg.max_requests:
+            raise Overloaded(f"{self.active} requests in progress (the limit is {self.cfg.max_requests})")
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
 
     # -- loading, warm-up, reload --------------------------------------------------------------------------
     def _load(self, path: Path) -> tuple[Predictor, float, tuple]:
@@ -384,10 +405,11 @@ async def classify(request: Request) -> Response:
     start = time.perf_counter()
     model = server.model(request.path_params.get("name"))  # none: /classify, for a server of one model
     top_k = _top_k(request, server.cfg.top_k)
-    body = await _body(request, server.cfg)
-    images, names = await _images_of(request, body)
-    request.state.model, request.state.images = model.name, len(images)
-    probs = await server.classify_images(model, images, names)
+    with server.admit():
+        body = await _body(request, server.cfg)
+        images, names = await _images_of(request, body)
+        request.state.model, request.state.images = model.name, len(images)
+        probs = await server.classify_images(model, images, names)
     labels = model.predictor.labels
     return JSONResponse(
         {
@@ -501,6 +523,11 @@ def _v2_tensor(body: bytes, header_length: str | None) -> tuple[dict, np.ndarray
 async def v2_infer(request: Request) -> Response:
     server: Server = request.app.state.server
     model = server.model(request.path_params["name"])
+    with server.admit():
+        return await _v2_infer(server, model, request)
+
+
+async def _v2_infer(server: Server, model: ServedModel, request: Request) -> Response:
     body = await _body(request, server.cfg)
     infer, images = _v2_tensor(body, request.headers.get("inference-header-content-length"))
     p, loop = model.predictor, asyncio.get_running_loop()
@@ -602,6 +629,39 @@ def _route_of(scope) -> str:
     return "unmatched"
 
 
+class LogLine(logging.Formatter):
+    """flowerx serve's log lines: text, or one JSON object a line; a request's fields as they are (no image
+    data ever reaches a log)."""
+
+    def __init__(self, as_json: bool):
+        super().__init__()
+        self.as_json = as_json
+
+    def format(self, record: logging.LogRecord) -> str:
+        http = getattr(record, "http", None)
+        when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        if self.as_json:
+            return json.dumps({"time": when, "level": record.levelname.lower(), "message": record.getMessage(),
+                               **(http or {})})  # fmt: skip
+        if http:
+            extra = " ".join(f"{k}={v}" for k, v in http.items() if k not in ("method", "route", "status", "ms") and v)
+            text = f"{http['method']} {http['route']} {http['status']} {http['ms']:.1f} ms {extra}".rstrip()
+        else:
+            text = record.getMessage()
+        return printable(f"{when} {record.levelname.lower()} {text}")
+
+
+def configure_logging(cfg: ServeConfig) -> None:
+    """The server's log: flowerx's and uvicorn's lines on stderr, one a line (in every worker process)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogLine(cfg.log_format == "json"))
+    for name in ("flowerx", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(cfg.log_level.upper())
+        logger.propagate = False
+
+
 def build_app(cfg: ServeConfig) -> _Observed:
     """The ASGI app for cfg (models load in the background once it starts)."""
     cfg.check()
@@ -642,7 +702,9 @@ def build_app(cfg: ServeConfig) -> _Observed:
 
 def app_from_env() -> _Observed:
     """For uvicorn's workers (--workers > 1): the config as the CLI left it in FLOWERX_SERVE_CONFIG."""
-    return build_app(ServeConfig(**json.loads(os.environ["FLOWERX_SERVE_CONFIG"])))
+    cfg = ServeConfig(**json.loads(os.environ["FLOWERX_SERVE_CONFIG"]))
+    configure_logging(cfg)
+    return build_app(cfg)
 
 
 def serve(cfg: ServeConfig) -> None:
@@ -650,6 +712,7 @@ def serve(cfg: ServeConfig) -> None:
     import uvicorn
 
     cfg.check()
+    configure_logging(cfg)
     options = dict(host=cfg.host, port=cfg.port, log_config=None, access_log=False, timeout_graceful_shutdown=30)
     # uvicorn drains on SIGTERM/SIGINT, then raises the signal again under the handlers it found, which would
     # kill the process after a clean drain: with these, a drained server returns and the process exits 0.

@@ -200,12 +200,20 @@ def test_every_bad_request_gets_its_4xx_and_the_server_keeps_serving(server, tmp
 
 
 def test_a_full_queue_answers_503_with_retry_after(models, tmp_path):
-    running = Server(tmp_path, str(models["tiny"]), args=("--max-queue", "2"))
+    running = Server(tmp_path, str(models["tiny"]), args=("--max-queue", "2", "--max-requests", "1"))
     try:
         files = [(f"f{i}", (f"{i}.png", GREEN, "image/png")) for i in range(3)]
         full = httpx.post(running.url + "/classify", files=files)
         assert full.status_code == 503 and full.headers["Retry-After"] == "1" and "queued" in full.json()["error"]
         assert httpx.post(running.url + "/classify", files=files[:2]).status_code == 200
+        # and past --max-requests (here 1) at once, before a body is read: a stalled upload holds the one place
+        with socket.create_connection(("127.0.0.1", running.port)) as stalled:
+            stalled.sendall(
+                b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 99\r\n\r\n"
+            )
+            time.sleep(0.3)
+            busy = httpx.post(running.url + "/classify", content=GREEN, headers={"Content-Type": "image/png"})
+            assert busy.status_code == 503 and "requests in progress" in busy.json()["error"]
     finally:
         assert running.stop() == 0
 
