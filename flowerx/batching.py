@@ -29,11 +29,13 @@ class BatchStats:
 
 
 class Batcher:
-    """Gathers S x S images for one model into batches; `run(batch) -> probs` does the inference."""
+    """Gathers S x S images for one model into batches; `run(key, batch) -> probs` does the inference. The key
+    says what an image was prepared for (the model's predictor, which a reload may replace meanwhile): images
+    of different keys never share a call."""
 
     def __init__(
         self,
-        run: Callable[[np.ndarray], np.ndarray],
+        run: Callable[[object, np.ndarray], np.ndarray],
         executor: Executor,
         max_batch: int = 32,
         max_wait: float = 0.005,
@@ -72,13 +74,13 @@ class Batcher:
         if self.queued + self.decoding + images > self.max_queue:
             raise Overloaded(f"{self.queued + self.decoding} images queued (the limit is {self.max_queue})")
 
-    async def submit(self, pixels: np.ndarray) -> np.ndarray:
-        """The probabilities of one S x S image, computed in some batch."""
+    async def submit(self, key: object, pixels: np.ndarray) -> np.ndarray:
+        """The probabilities of one S x S image, computed in some batch of images of the same key."""
         self.check_room(1)
         future = asyncio.get_running_loop().create_future()
         self.queued += 1
         try:
-            await self.queue.put((pixels, future))
+            await self.queue.put((key, pixels, future))
             return await future
         finally:
             self.queued -= 1
@@ -98,31 +100,37 @@ class Batcher:
                 batch.append(await asyncio.wait_for(self.queue.get(), left))
             except asyncio.TimeoutError:
                 break
-        return [(pixels, future) for pixels, future in batch if not future.done()]  # a cancelled client's
+        return [item for item in batch if not item[2].done()]  # not a cancelled client's
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._gather()
-            if not batch:
+            groups: dict[int, list] = {}
+            for item in batch:
+                groups.setdefault(id(item[0]), []).append(item)
+            for group in groups.values():
+                await self._run(group)
+
+    async def _run(self, batch: list) -> None:
+        loop = asyncio.get_running_loop()
+        key = batch[0][0]
+        self.on_batch(len(batch))
+        self.stats.batches += 1
+        self.stats.images += len(batch)
+        try:
+            probs = await loop.run_in_executor(self.executor, self.run, key, np.stack([p for _, p, _ in batch]))
+            results = list(probs)
+        except Exception:  # a batch that fails: run its images one by one, so only a bad one fails
+            results = []
+            for _, pixels, _ in batch:
+                try:
+                    results.append((await loop.run_in_executor(self.executor, self.run, key, pixels[None]))[0])
+                except Exception as e:
+                    results.append(e)
+        for (_, _, future), result in zip(batch, results):
+            if future.done():
                 continue
-            self.on_batch(len(batch))
-            self.stats.batches += 1
-            self.stats.images += len(batch)
-            try:
-                probs = await loop.run_in_executor(self.executor, self.run, np.stack([p for p, _ in batch]))
-                results = list(probs)
-            except Exception:  # a batch that fails: run its images one by one, so only a bad one fails
-                results = []
-                for pixels, _ in batch:
-                    try:
-                        results.append((await loop.run_in_executor(self.executor, self.run, pixels[None]))[0])
-                    except Exception as e:
-                        results.append(e)
-            for (_, future), result in zip(batch, results):
-                if future.done():
-                    continue
-                if isinstance(result, Exception):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)

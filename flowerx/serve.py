@@ -215,7 +215,7 @@ class Server:
         model.predictor, model.load_s, model.stat, model.error = predictor, load_s, stat, ""
         if model.batcher is None:
             model.batcher = Batcher(
-                lambda batch: model.predictor.probabilities(batch),  # the current predictor, after swaps
+                lambda predictor, batch: predictor.probabilities(batch),  # the one the images were decoded for
                 self.infer_pool,
                 self.cfg.max_batch,
                 self.cfg.max_wait_ms / 1000,
@@ -302,19 +302,23 @@ class Server:
         return model
 
     # -- classifying ---------------------------------------------------------------------------------------
-    async def classify_images(self, model: ServedModel, images: list[bytes], names: list[str]) -> list[np.ndarray]:
-        """Decode each image on the pool and run it through the batcher; 4xx for a bad one (named)."""
+    async def classify_images(
+        self, model: ServedModel, images: list[bytes], names: list[str]
+    ) -> tuple[Predictor, list[np.ndarray]]:
+        """Decode each image on the pool and run it through the batcher: (the predictor that ran them, their
+        probabilities); 4xx for a bad one (named)."""
         model.batcher.check_room(len(images))
         self.metrics.queue.labels(model.name).set(model.batcher.queued)
 
-        async def one(data: bytes, name: str) -> np.ndarray:
-            with model.batcher.decoding_one():
-                pixels = await asyncio.get_running_loop().run_in_executor(
-                    self.decode_pool, model.predictor.preprocess, data
-                )
-            return await model.batcher.submit(pixels)
+        predictor = model.predictor  # for this request, whatever a reload swaps in meanwhile
 
-        results = await asyncio.gather(*(one(d, n) for d, n in zip(images, names)), return_exceptions=True)
+        async def one(data: bytes) -> np.ndarray:
+            with model.batcher.decoding_one():
+                loop = asyncio.get_running_loop()
+                pixels = await loop.run_in_executor(self.decode_pool, predictor.preprocess, data)
+            return await model.batcher.submit(predictor, pixels)
+
+        results = await asyncio.gather(*(one(d) for d in images), return_exceptions=True)
         self.metrics.queue.labels(model.name).set(model.batcher.queued)
         for result, name in zip(results, names):
             if isinstance(result, ImageError):
@@ -322,7 +326,7 @@ class Server:
             if isinstance(result, BaseException):  # Overloaded: 503 (build_app's handler)
                 raise result
         self.metrics.images.labels(model.name).inc(len(images))
-        return results
+        return predictor, results
 
 
 def _image_problem(name: str, e: ImageError) -> HTTPProblem:
@@ -409,8 +413,8 @@ async def classify(request: Request) -> Response:
         body = await _body(request, server.cfg)
         images, names = await _images_of(request, body)
         request.state.model, request.state.images = model.name, len(images)
-        probs = await server.classify_images(model, images, names)
-    labels = model.predictor.labels
+        predictor, probs = await server.classify_images(model, images, names)
+    labels = predictor.labels
     return JSONResponse(
         {
             "model": model.name,
@@ -530,7 +534,7 @@ async def v2_infer(request: Request) -> Response:
 async def _v2_infer(server: Server, model: ServedModel, request: Request) -> Response:
     body = await _body(request, server.cfg)
     infer, images = _v2_tensor(body, request.headers.get("inference-header-content-length"))
-    p, loop = model.predictor, asyncio.get_running_loop()
+    p, loop = model.predictor, asyncio.get_running_loop()  # p: this request's, whatever a reload swaps in
     request.state.model, request.state.images = model.name, len(images)
     if not p.any_size and images.shape[1:3] != (p.input_size, p.input_size):
         raise HTTPProblem(400, f"this model takes [N, {p.input_size}, {p.input_size}, 3]")
@@ -539,7 +543,7 @@ async def _v2_infer(server: Server, model: ServedModel, request: Request) -> Res
     async def one(image: np.ndarray) -> np.ndarray:
         with model.batcher.decoding_one():
             pixels = await loop.run_in_executor(server.decode_pool, resize_array, image, p.input_size)
-        return await model.batcher.submit(pixels)
+        return await model.batcher.submit(p, pixels)
 
     probs = np.stack(await asyncio.gather(*(one(image) for image in images)))
     server.metrics.images.labels(model.name).inc(len(images))
