@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flowerx.architectures import get_architecture, weights_fingerprint
+from flowerx.architectures import feature_export_path, get_architecture, weights_fingerprint
 from flowerx.bench import machine_info
 from flowerx.bottlenecks import BottleneckCache, get_bottlenecks, stream_session
 from flowerx.data import discover, prepare_image
@@ -152,9 +152,7 @@ def bench_architecture(name: str, shared: Path, work: Path, baseline_count: int)
     dataset = discover(shared / "flower_photos")
     paths = [item.path for item in dataset.items]
     weights = shared / "models" / arch.weights_file
-    features_onnx = (
-        BottleneckCache(work / name / "bottlenecks", arch, weights_fingerprint(weights)).dir / "features.onnx"
-    )
+    features_onnx = feature_export_path(arch, weights_fingerprint(weights))  # the one flowerx train exported
     decode_core_s, decode_ips = decode_rates(paths, arch.input_size, cores)
     network_core_s, network_ips = network_rates(features_onnx, arch.input_size, cores)
     limit_ips = cores / (decode_core_s + network_core_s)
@@ -227,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     shared = Path(args.shared).resolve()
     with tempfile.TemporaryDirectory(prefix="flowerx-train-speed-") as work:
+        os.environ["FLOWERX_CACHE_DIR"] = str(Path(work) / "user-cache")  # a fresh machine: the cold run exports
         results = [bench_architecture(a, shared, Path(work), args.baseline_images) for a in args.architectures]
     print_table(results)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

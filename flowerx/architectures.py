@@ -104,6 +104,22 @@ def weights_fingerprint(path: Path) -> str:
     return file_hash(path)[:12]
 
 
+FEATURE_EXPORT_VERSION = "v1"  # bump when the feature network's ONNX export changes (converter, opset, inputs)
+
+
+def user_cache_dir() -> Path:
+    """flowerx's per-user cache: $FLOWERX_CACHE_DIR, else $XDG_CACHE_HOME/flowerx, else ~/.cache/flowerx."""
+    if os.environ.get("FLOWERX_CACHE_DIR"):
+        return Path(os.environ["FLOWERX_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "flowerx"
+
+
+def feature_export_path(arch: Architecture, weights_id: str) -> Path:
+    """Where the feature network's ONNX export for these weights (weights_fingerprint) is cached, once per
+    machine: every --bottleneck-dir shares it, other weights get their own file."""
+    return user_cache_dir() / "features" / f"{arch.name}-{weights_id}-{FEATURE_EXPORT_VERSION}.onnx"
+
+
 def resolve_weights(
     arch: Architecture, model_dir: str | os.PathLike, on_progress: Callable[[int, int | None], None] | None = None
 ) -> Path:

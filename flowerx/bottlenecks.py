@@ -46,7 +46,7 @@ class BottleneckCache:
     def __init__(self, root: str | os.PathLike, arch: Architecture, weights_id: str = "imagenet"):
         """weights_id names the weights the features come from (a hash of the file): other weights, other
         entries."""
-        self.arch = arch
+        self.arch, self.weights_id = arch, weights_id
         self.shape, self.dtype = (arch.feature_dim,), np.dtype(np.float32)
         self.dir = Path(root).expanduser() / f"{arch.name}-{weights_id}-{CACHE_VERSION}"
         self._made: set[str] = set()  # prefix folders known to exist

@@ -18,7 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .architectures import Architecture, default_model_dir, get_architecture, resolve_weights, weights_fingerprint
+from .architectures import (
+    Architecture,
+    default_model_dir,
+    feature_export_path,
+    get_architecture,
+    resolve_weights,
+    weights_fingerprint,
+)
 from .bottlenecks import BottleneckCache, BottleneckStats, get_bottlenecks, stream_session
 from .contract import FEATURES, Contract
 from .data import Dataset, Distortion, ImageItem, discover, prepare_image, split_names
@@ -318,9 +325,14 @@ class _Networks:
     """The frozen network, built on first use: as Keras (for training and the export's parity check) and
     as a cached ONNX export that computes the bottlenecks on onnxruntime, faster than TensorFlow here."""
 
-    def __init__(self, arch: Architecture, weights: Path, folder: Path, items: Sequence[ImageItem], events: Events):
-        self.arch, self.weights, self.folder, self.items, self.events = arch, weights, folder, items, events
-        self.onnx_path = folder / "features.onnx"
+    def __init__(
+        self, arch: Architecture, weights: Path, cache: BottleneckCache, items: Sequence[ImageItem], events: Events
+    ):
+        self.arch, self.weights, self.items, self.events = arch, weights, items, events
+        # converted once per machine and weights file, shared by every bottleneck cache (a first run in a new
+        # --bottleneck-dir pays only decode and inference); inside the cache if the user cache is not writable
+        self.onnx_path = feature_export_path(arch, cache.weights_id)
+        self.fallback_path = cache.dir / "features.onnx"
         self._base, self._keras, self._fn = None, None, None
 
     def base(self):
@@ -355,6 +367,8 @@ class _Networks:
     def features_onnx(self) -> Path:
         """The feature network as ONNX (uint8 image -> features), converted once per architecture and
         weights and checked against Keras on real images."""
+        if not self.onnx_path.is_file() and self.fallback_path.is_file():
+            self.onnx_path = self.fallback_path
         if not self.onnx_path.is_file():
             from exporters import ExportError
             from exporters.onnx_export import FEATURES_ATOL, check_parity, keras_to_onnx
@@ -366,7 +380,12 @@ class _Networks:
                 check_parity(data, self.keras(), self.sample_images(4), atol=FEATURES_ATOL, top1=False)
             except ExportError as e:
                 raise FlowerxError(str(e)) from None
-            atomic_write(self.onnx_path, data)
+            try:
+                atomic_write(self.onnx_path, data)
+            except FlowerxError as e:  # a read-only home, say: keep it with the bottleneck cache instead
+                self.events.detail(f"{e}; keeping the export in {self.fallback_path.parent}")
+                self.onnx_path = self.fallback_path
+                atomic_write(self.onnx_path, data)
             self.events.progress(task, 1, 1, "")
         return self.onnx_path
 
@@ -484,7 +503,7 @@ def _prepare(cfg: TrainConfig, events: Events) -> _Job:
     )
     events.detail(f"weights {weights}; bottleneck cache {cfg.bottleneck_dir}")
     cache = BottleneckCache(cfg.bottleneck_dir, arch, weights_fingerprint(weights))
-    networks = _Networks(arch, weights, cache.dir, dataset.items, events)
+    networks = _Networks(arch, weights, cache, dataset.items, events)
     return _Job(cfg, events, arch, dataset, cache, networks)
 
 

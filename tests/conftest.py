@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,9 @@ import pytest
 from PIL import Image
 
 SHARED_ENV = "FLOWERX_SHARED"
+# flowerx's per-user cache (the feature networks' ONNX exports) in a folder of this test session, inherited by
+# every `flowerx` process the tests start: no test reads or fills the user's own ~/.cache/flowerx.
+os.environ.setdefault("FLOWERX_CACHE_DIR", tempfile.mkdtemp(prefix="flowerx-test-cache-"))
 DAISY = "flower_photos/daisy/21652746_cc379e0eea_m.jpg"
 NEEDED = (
     "flower_photos/LICENSE.txt",

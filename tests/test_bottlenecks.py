@@ -133,3 +133,32 @@ def test_distortion_is_deterministic_and_bounded():
     assert np.array_equal(d.apply(image, 16, seed=3), d.apply(image, 16, seed=3))
     assert not np.array_equal(d.apply(image, 16, seed=3), d.apply(image, 16, seed=4))
     assert d.apply(image, 16, seed=3).shape == (16, 16, 3) and d.active and not Distortion().active
+
+
+@pytest.mark.slow
+def test_the_feature_export_is_made_once_per_machine_and_weights(shared, tmp_path, monkeypatch):
+    """Issue 14: a new --bottleneck-dir reuses the machine's export of the network; other weights get their own."""
+    import shutil
+
+    from conftest import run_cli, small_train_args, subset
+
+    monkeypatch.setenv("FLOWERX_CACHE_DIR", str(tmp_path / "user-cache"))
+    data = subset(shared, tmp_path / "data", 4)
+    first = run_cli(*small_train_args(shared, data, tmp_path / "one", steps="20"))
+    assert first.returncode == 0, first.stderr
+    (export,) = (tmp_path / "user-cache" / "features").iterdir()
+    stamp = export.stat().st_mtime_ns
+    second = run_cli(*small_train_args(shared, data, tmp_path / "two", steps="20"))  # a new bottleneck dir
+    assert second.returncode == 0, second.stderr
+    assert list((tmp_path / "user-cache" / "features").iterdir()) == [export] and export.stat().st_mtime_ns == stamp
+    other = tmp_path / "other-weights"
+    other.mkdir()
+    weights = "mobilenet_2_5_224_tf_no_top.h5"
+    shutil.copy(shared / "models" / weights, other / weights)
+    with open(other / weights, "ab") as f:  # other bytes, the same network: HDF5 ignores what follows its data
+        f.write(b"\0" * 1024)
+    args = small_train_args(shared, data, tmp_path / "three", steps="20")
+    args[args.index("--model-dir") + 1] = str(other)
+    third = run_cli(*args)
+    assert third.returncode == 0, third.stderr
+    assert len(list((tmp_path / "user-cache" / "features").iterdir())) == 2
