@@ -171,9 +171,7 @@ def _common(common: argparse.ArgumentParser | None = None, default: object = arg
     return common
 
 
-def _add_train(sub, common) -> None:
-    from .train import GROUPS, TrainConfig
-
+def _add_train(sub, common, full: bool = True) -> None:
     p = sub.add_parser(
         "train",
         parents=[common],
@@ -181,6 +179,10 @@ def _add_train(sub, common) -> None:
         description="Cache bottlenecks, train a softmax layer on them, export base + head as one ONNX file "
         "(with its labels and preprocessing). retrain.py's underscore spellings (--image_dir) work too.",
     )
+    if not full:  # another command runs: its flags are not needed, nor the modules that define them
+        return
+    from .train import GROUPS, TrainConfig
+
     groups = {name: p.add_argument_group(name) for name in GROUPS}
     for f in fields(TrainConfig):
         meta, flag = f.metadata, "--" + f.name.replace("_", "-")
@@ -249,9 +251,7 @@ def _add_evaluate(sub, common) -> None:
     _add_follow_links(p)
 
 
-def _add_bench(sub, common) -> None:
-    from .bench import DEFAULT_ARCHITECTURES, RUNTIMES
-
+def _add_bench(sub, common, full: bool = True) -> None:
     p = sub.add_parser(
         "bench",
         parents=[common],
@@ -259,6 +259,10 @@ def _add_bench(sub, common) -> None:
         description="Each runtime is timed in its own process. Sizes without local pretrained "
         "weights are built with random weights (latency does not depend on them).",
     )
+    if not full:
+        return
+    from .bench import DEFAULT_ARCHITECTURES, RUNTIMES
+
     p.add_argument("--architectures", nargs="+", help=f"models to bench (default: {' '.join(DEFAULT_ARCHITECTURES)})")
     p.add_argument("--full", action="store_true", help="the 16 MobileNet v1 sizes and Inception V3")
     p.add_argument("--quick", action="store_true", help="a smoke test that finishes in under a minute")
@@ -313,10 +317,7 @@ def _add_export(sub, common) -> None:
     )
 
 
-def _add_serve(sub, common) -> None:
-    from .serve import ServeConfig
-
-    d = ServeConfig(graphs=[])
+def _add_serve(sub, common, full: bool = True) -> None:
     p = sub.add_parser(
         "serve",
         parents=[common],
@@ -324,6 +325,13 @@ def _add_serve(sub, common) -> None:
         description='Serve models over HTTP (pip install "flowerx[serve]"). Binds to localhost unless --host '
         "says otherwise; SIGTERM or Ctrl-C drains in-flight requests and exits 0; SIGHUP reloads the models.",
     )
+    if not full:
+        return
+    try:
+        from .serve import ServeConfig
+    except ModuleNotFoundError as e:  # flowerx serve -h without the extra
+        raise FlowerxError(f'flowerx serve needs {e.name}: pip install "flowerx[serve]"') from None
+    d = ServeConfig(graphs=[])
     p.add_argument("--graph", nargs="+", required=True, metavar="[NAME=]MODEL", help="models to serve")
     flags = (  # (flag, ServeConfig field, type, help); each default is ServeConfig's
         ("--host", "host", str, "address to bind"),
@@ -360,7 +368,9 @@ def _add_download(sub, common) -> None:
     p.add_argument("--dest", default=".", help="folder to put flower_photos/ in (default: .)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; given the command that runs, the other commands' flags (and the modules that define
+    them: training, bench, serve) are left out, so `flowerx classify` imports only what classifying needs."""
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="flowerx", description=DESCRIPTION, epilog=EPILOG)
@@ -368,8 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(parser, default=0)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _common()
-    adders = (_add_train, _add_classify, _add_evaluate, _add_bench, _add_export_int8, _add_export, _add_serve)
-    for add in (*adders, _add_download):
+    for add in (_add_train, _add_bench, _add_serve):  # the ones whose flags come from heavier modules
+        add(sub, common, full=command in (None, add.__name__.removeprefix("_add_")))
+    for add in (_add_classify, _add_evaluate, _add_export_int8, _add_export, _add_download):
         add(sub, common)
     return parser
 
@@ -721,7 +732,13 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(_normalize_flags(sys.argv[1:] if argv is None else argv))
+    argv = _normalize_flags(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)  # the first word: -q/-v may come before
+    try:
+        args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    except FlowerxError as e:
+        say(err, f"error: {e}")
+        return 2
     from PIL import Image
 
     # flowerx refuses oversized images itself, with one line per file; PIL's own warning would repeat it.

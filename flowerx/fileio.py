@@ -7,12 +7,14 @@ import hashlib
 import os
 import shutil
 import stat
-import tarfile
 import tempfile
 import threading
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # tarfile and urllib.request load only when an archive or a download is used (classify needs neither)
+    import tarfile
 
 from .errors import FlowerxError
 
@@ -128,6 +130,8 @@ def download(
     """Download url over HTTPS to dest: into a temporary file beside it, check the hash where one is known
     (32 hex digits: md5 as Keras pins them; 64: sha256), and only then move it into place.
     on_progress(bytes so far, total bytes or None) is called as the bytes arrive."""
+    import urllib.request
+
     if not url.startswith("https://"):
         raise FlowerxError(f"refusing to download over plain HTTP: {url}")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -183,6 +187,8 @@ def extract_tar(
     devices, links out), links that point outside `inner` once unpacked, and archives that unpack to more
     than max_bytes or max_ratio times their own size (bombs), checked before each member is written; then
     renamed into place."""
+    import tarfile
+
     if dest.exists():
         raise FlowerxError(f"{dest} exists already")
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 import io
 import urllib.error
+import urllib.request
 
 import pytest
 
@@ -45,7 +46,7 @@ def test_missing_weights_offline_names_what_is_present(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(fileio.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
     assert A.resolve_weights(A.get_architecture("mobilenet_0.25_224"), tmp_path).name.startswith("mobilenet_2_5")
     with pytest.raises(FlowerxError, match="weights present there: mobilenet_0.25_224"):
         A.resolve_weights(A.get_architecture("mobilenet_1.0_224"), tmp_path)
@@ -53,7 +54,7 @@ def test_missing_weights_offline_names_what_is_present(tmp_path, monkeypatch):
 
 
 def test_download_checks_hash_before_moving_into_place(tmp_path, monkeypatch):
-    monkeypatch.setattr(fileio.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"tampered"))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"tampered"))
     dest = tmp_path / "w.h5"
     with pytest.raises(FlowerxError, match="corrupt"):
         fileio.download("https://example.invalid/w.h5", dest, "0" * 64)

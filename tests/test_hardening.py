@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -738,7 +739,7 @@ def test_downloads_report_bytes_and_total(tmp_path, monkeypatch):
     class Response(io.BytesIO):
         headers = {"Content-Length": str(len(payload))}
 
-    monkeypatch.setattr(fileio.urllib.request, "urlopen", lambda url, timeout: Response(payload))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Response(payload))
     seen = []
     fileio.download(
         "https://example.com/w.h5", tmp_path / "w.h5", on_progress=lambda done, total: seen.append((done, total))
@@ -962,7 +963,7 @@ def test_download_flowers_leaves_a_users_own_archive_alone(tmp_path, monkeypatch
     from flowerx import data
 
     (tmp_path / "flower_photos.tgz").write_bytes(b"mine")
-    monkeypatch.setattr(fileio.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"not a tar"))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"not a tar"))
     with pytest.raises(FlowerxError):
         data.download_flowers(tmp_path)
     assert (tmp_path / "flower_photos.tgz").read_bytes() == b"mine"

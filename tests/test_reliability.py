@@ -12,6 +12,7 @@ import sys
 import tarfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -396,7 +397,7 @@ def test_flowers_download_unpacks_all_or_nothing_and_refuses_escapes(tmp_path, m
     good = _tar(tmp_path / "good.tgz", {"flower_photos/LICENSE.txt": b"CC-BY", "flower_photos/daisy/1.jpg": b"j"})
     evil = _tar(tmp_path / "evil.tgz", {"flower_photos/a.txt": b"a", "../../escaped.txt": b"owned"})
     served = {}
-    monkeypatch.setattr(fileio.urllib.request, "urlopen", lambda url, timeout: open(served["file"], "rb"))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: open(served["file"], "rb"))
 
     served["file"] = evil
     with pytest.raises(FlowerxError, match="unsafe archive member"):
