@@ -229,6 +229,19 @@ def _add_classify(sub, common) -> None:
     _add_model_flags(p)
     p.add_argument("--top-k", type=int, default=5, help="labels to print per image (default: 5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument(
+        "--output",
+        metavar="FILE",
+        help="write one row per image to FILE (.jsonl, .csv or .parquet) instead of printing, streaming",
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="with --output: run on Ray Data (a local Ray instance, or ADDRESS as ray.init takes it)",
+    )
+    p.add_argument("--list", metavar="FILE", help="also classify the images named in FILE, one path a line")
     _add_follow_links(p)
 
 
@@ -446,16 +459,22 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from .data import list_images
 
     sources = [os.path.expanduser(s) for s in list(args.images) + list(args.image)]
+    if args.list:
+        sources += _read_list(args.list)
     if not sources:
         raise FlowerxError("give at least one image (or folder) to classify")
     if args.top_k <= 0:
         raise FlowerxError("--top-k must be positive")
-    predictor = _predictor(args)
+    if args.ray is not None and not args.output:
+        raise FlowerxError("--ray writes its rows to a file: give --output predictions.parquet (or .jsonl, .csv)")
     paths = []
     for source in sources:
         paths.extend(list_images(source, args.follow_links) if os.path.isdir(source) else [Path(source)])
     if not paths:
         raise FlowerxError(f"no images found in {', '.join(sources)}")
+    if args.output:
+        return _classify_to_file(args, paths)
+    predictor = _predictor(args)
     kind = "probabilities" if predictor.probabilities_out else "scores"
     if not predictor.probabilities_out and not args.json:
         warn(err, f"{args.graph}: its outputs are scores, not probabilities (they do not sum to 1)")
@@ -489,6 +508,39 @@ def cmd_classify(args: argparse.Namespace) -> int:
             )
         )
     return 1 if failures else 0
+
+
+def _read_list(path: str) -> list[str]:
+    """A list file: one image path a line (blank lines skipped), relative to the current folder."""
+    from .fileio import read_regular
+
+    try:
+        text = read_regular(os.path.expanduser(path), 256 << 20).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise FlowerxError(f"cannot read the list file {path}: {getattr(e, 'strerror', None) or e}") from None
+    return [os.path.expanduser(line.strip()) for line in text.splitlines() if line.strip()]
+
+
+def _classify_to_file(args: argparse.Namespace, paths: list[Path]) -> int:
+    from .batch import classify_to_file
+
+    if args.labels or args.input_size:
+        raise FlowerxError("--output classifies with flowerx models only (their metadata): drop --labels/--input-size")
+    reporter = Reporter(args.verbosity, err, transient=True)
+    try:
+        result = classify_to_file(
+            args.graph,
+            paths,
+            args.output,
+            args.top_k,
+            ray=args.ray is not None,
+            address=args.ray or None,
+            on_progress=lambda done, total: reporter.progress("Classifying", done, total, "img"),
+        )
+    finally:
+        reporter.close()
+    say(out, f"Wrote {result.output}: {result.images} images, {result.failed} could not be classified")
+    return 1 if result.failed else 0
 
 
 def _table(title: str, columns: list[str], left: tuple[str, ...] = ("label",)) -> Table:

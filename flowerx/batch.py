@@ -1,0 +1,222 @@
+"""Classifying many images into a file: `flowerx classify DIR --output predictions.jsonl|.csv|.parquet`.
+
+One row per image, in the order the images were listed: its path, the top-k labels and scores, or the error
+that kept it from being classified. Locally the images stream through a thread pool (decoding on every core,
+one onnxruntime call per batch); with `ray` the same rows come from a Ray Data pipeline whose actors each hold
+one Predictor (a local Ray instance, or a cluster's address), so the output is the same either way. Rows are
+written as they come (the driver holds one batch, never all results) into a temporary file beside the output,
+renamed into place at the end. No TensorFlow; Ray is imported only when asked for (`flowerx[ray]`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FlowerxError, ImageError
+from .fileio import check_outputs
+from .parallel import chunked, map_ahead
+
+FORMATS = (".jsonl", ".csv", ".parquet")
+BATCH = 32
+
+
+@dataclass
+class Row:
+    path: str
+    labels: list[str]
+    scores: list[float]
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "labels": self.labels, "scores": self.scores, "error": self.error}
+
+
+@dataclass
+class BatchResult:
+    output: Path
+    images: int
+    failed: int
+
+
+def rows_of(predictor, paths: list[str], top_k: int) -> list[Row]:
+    """The rows of a batch of image paths: decoded (a bad one becomes its error row), run together."""
+    pixels, rows, good = [], [], []
+    for path in paths:
+        try:
+            pixels.append(predictor.preprocess(path))
+            good.append(len(rows))
+            rows.append(Row(path, [], []))
+        except ImageError as e:
+            rows.append(Row(path, [], [], e.reason))
+    if pixels:
+        for i, probs in zip(good, predictor.probabilities(np.stack(pixels))):
+            order = np.argsort(-probs, kind="stable")[:top_k]
+            rows[i].labels = [predictor.labels[j] for j in order]
+            rows[i].scores = [round(float(probs[j]), 6) for j in order]
+    return rows
+
+
+def _local_rows(graph: Path, paths: list[str], top_k: int) -> Iterator[list[Row]]:
+    from .predictor import Predictor
+
+    predictor = Predictor(graph)
+    with map_ahead(lambda batch: rows_of(predictor, batch, top_k), chunked(paths, BATCH), in_flight=4) as batches:
+        yield from batches
+
+
+class _RayClassifier:
+    """A Ray Data actor: one Predictor for its whole life, the rows of each batch of paths."""
+
+    def __init__(self, graph: str, top_k: int, threads: int):
+        from .predictor import Predictor
+
+        self.predictor, self.top_k = Predictor(graph, threads=threads), top_k
+
+    def __call__(self, batch: dict) -> dict:
+        rows = rows_of(self.predictor, [str(p) for p in batch["path"]], self.top_k)
+        return {
+            "path": [r.path for r in rows],
+            "labels": [json.dumps(r.labels) for r in rows],  # one column type whatever a row holds
+            "scores": [json.dumps(r.scores) for r in rows],
+            "error": [r.error or "" for r in rows],
+        }
+
+
+def _ray_rows(graph: Path, paths: list[str], top_k: int, address: str | None, actors: int) -> Iterator[list[Row]]:
+    try:
+        import ray
+        import ray.data  # its loggers exist once imported
+    except ModuleNotFoundError:
+        raise FlowerxError('--ray needs Ray: pip install "flowerx[ray]"') from None
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address or None, logging_level="ERROR", log_to_driver=False, include_dashboard=False)
+    # Ray Data's per-run INFO lines, quiet while this runs (the caller's own progress says enough)
+    quiet = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("ray.data")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.WARNING)
+    try:
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True  # rows in the listed order, as without --ray
+
+        class Classifier(_RayClassifier):  # its settings in the class itself, not in the object store
+            def __init__(self):
+                super().__init__(str(graph), top_k, 1)
+
+        dataset = ray.data.from_items([{"path": p} for p in paths]).map_batches(
+            Classifier, batch_size=BATCH, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1
+        )
+        for batch in dataset.iter_batches(batch_size=BATCH, batch_format="numpy"):
+            yield [
+                Row(str(p), json.loads(str(lab)), json.loads(str(sc)), str(err) or None)
+                for p, lab, sc, err in zip(batch["path"], batch["labels"], batch["scores"], batch["error"])
+            ]
+    finally:
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
+        if started:
+            ray.shutdown()
+
+
+class _Writer:
+    """Rows into a temporary file beside `output`, renamed over it when all are written."""
+
+    def __init__(self, output: Path, top_k: int):
+        self.output, self.top_k, self.kind = output, top_k, output.suffix.lower()
+        self.tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+
+    def __enter__(self):
+        if self.kind == ".parquet":
+            try:
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+            except ModuleNotFoundError:
+                raise FlowerxError('a .parquet output needs pyarrow: pip install pyarrow (or "flowerx[ray]")') from None
+            self.pa = pa
+            self.schema = pa.schema(
+                [("path", pa.string()), ("labels", pa.list_(pa.string())), ("scores", pa.list_(pa.float64())),
+                 ("error", pa.string())]
+            )  # fmt: skip
+            self.parquet = pq.ParquetWriter(self.tmp, self.schema)
+        else:
+            self.file = open(self.tmp, "w", encoding="utf-8", newline="")
+            if self.kind == ".csv":
+                self.csv = csv.writer(self.file)
+                ranks = range(1, self.top_k + 1)
+                self.csv.writerow(["path", *(f"label_{i}" for i in ranks), *(f"score_{i}" for i in ranks), "error"])
+        return self
+
+    def write(self, rows: list[Row]) -> None:
+        if self.kind == ".parquet":
+            columns = {k: [getattr(r, k) for r in rows] for k in ("path", "labels", "scores", "error")}
+            self.parquet.write_table(self.pa.Table.from_pydict(columns, schema=self.schema))
+        elif self.kind == ".csv":
+            pad = lambda values: list(values) + [""] * (self.top_k - len(values))  # noqa: E731
+            for r in rows:
+                self.csv.writerow([r.path, *pad(r.labels), *pad([f"{s:.6f}" for s in r.scores]), r.error or ""])
+        else:
+            self.file.write("".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in rows))
+
+    def __exit__(self, kind, value, traceback) -> None:
+        (self.parquet if self.kind == ".parquet" else self.file).close()
+        if kind is None:
+            os.replace(self.tmp, self.output)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def classify_to_file(
+    graph: str | os.PathLike,
+    paths: Iterable[str | os.PathLike],
+    output: str | os.PathLike,
+    top_k: int = 5,
+    ray: bool = False,
+    address: str | None = None,
+    actors: int | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> BatchResult:
+    """Classify every image of `paths` into `output` (.jsonl, .csv or .parquet); see the module's doc."""
+    output, graph = Path(output).expanduser(), Path(graph).expanduser()
+    if output.suffix.lower() not in FORMATS:
+        raise FlowerxError(f"--output must end in {', '.join(FORMATS)}, not {output.name!r}")
+    paths = [str(p) for p in paths]
+    check_outputs({"--output": output}, {"--graph": graph, **{f"image {p}": p for p in paths}})
+    workers = actors or max(1, (os.cpu_count() or 1))
+    batches = _ray_rows(graph, paths, top_k, address, workers) if ray else _local_rows(graph, paths, top_k)
+    done = failed = 0
+    with _Writer(output, top_k) as writer:
+        for rows in batches:
+            writer.write(rows)
+            done += len(rows)
+            failed += sum(r.error is not None for r in rows)
+            if on_progress:
+                on_progress(done, len(paths))
+    return BatchResult(output, done, failed)
+
+
+def read_rows(output: str | os.PathLike) -> list[dict]:
+    """The rows of an output file as dicts (path, labels, scores, error), whatever its format (tests, tools)."""
+    output = Path(output)
+    if output.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(output).to_pylist()
+    text = output.read_text("utf-8")
+    if output.suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines()]
+    rows = []
+    for record in list(csv.DictReader(io.StringIO(text))):
+        labels = [v for k, v in record.items() if k.startswith("label_") and v]
+        scores = [float(v) for k, v in record.items() if k.startswith("score_") and v]
+        rows.append({"path": record["path"], "labels": labels, "scores": scores, "error": record["error"] or None})
+    return rows

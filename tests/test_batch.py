@@ -1,0 +1,73 @@
+"""`flowerx classify DIR --output FILE [--ray]` (issue 15): one row per image, the same rows in every format and
+with or without Ray (a real local Ray instance, no mocks)."""
+
+import pytest
+from conftest import run_cli, solid, write_tiny_v2_model
+
+from flowerx import FlowerxError
+from flowerx.batch import classify_to_file, read_rows
+
+COLOURS = {"red": (200, 10, 10), "green": (10, 200, 10), "blue": (10, 10, 200)}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batch")
+    model = write_tiny_v2_model(root / "model.onnx")
+    images = root / "images"
+    images.mkdir()
+    paths = []
+    for i in range(40):  # more than one batch
+        name = list(COLOURS)[i % 3]
+        paths.append(solid(images / f"{i:02d}-{name}.png", COLOURS[name], (20 + i, 30)))
+    (images / "20-broken.jpg").write_bytes(b"not an image")
+    return {"model": model, "images": images, "paths": sorted(images.iterdir())}
+
+
+def test_rows_in_every_format_are_the_same_and_name_the_bad_file(folder, tmp_path):
+    outputs = {kind: tmp_path / f"out{kind}" for kind in (".jsonl", ".csv", ".parquet")}
+    for output in outputs.values():
+        result = classify_to_file(folder["model"], folder["paths"], output, top_k=2)
+        assert (result.images, result.failed) == (41, 1)
+    rows = read_rows(outputs[".jsonl"])
+    assert [r["path"] for r in rows] == [str(p) for p in folder["paths"]]  # the listed order
+    for row in rows:
+        if row["path"].endswith("broken.jpg"):
+            assert row["error"] == "not an image (unrecognised format)" and row["labels"] == []
+        else:
+            assert row["labels"][0] == row["path"].rsplit("-", 1)[1][:-4] and len(row["scores"]) == 2
+    assert read_rows(outputs[".csv"]) == rows and read_rows(outputs[".parquet"]) == rows
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv", "out.jsonl", "out.parquet"]  # no temp files
+
+
+def test_bad_outputs_are_refused_before_any_work(folder, tmp_path):
+    with pytest.raises(FlowerxError, match="must end in .jsonl, .csv, .parquet"):
+        classify_to_file(folder["model"], folder["paths"], tmp_path / "out.txt")
+    victim = tmp_path / "mine.jsonl"
+    victim.write_text("keep me")
+    with pytest.raises(FlowerxError, match="it would be overwritten"):  # an output that is one of the inputs
+        classify_to_file(folder["model"], [*folder["paths"], victim], victim)
+    assert victim.read_text() == "keep me"
+    done = run_cli("classify", str(folder["images"]), "--graph", str(folder["model"]), "--ray")
+    assert done.returncode == 2 and "give --output" in done.stderr
+
+
+def test_cli_writes_rows_from_a_folder_and_a_list_file(folder, tmp_path):
+    listed = tmp_path / "list.txt"
+    listed.write_text("\n".join(str(p) for p in folder["paths"][:5]) + "\n\n")
+    out = tmp_path / "rows.jsonl"
+    done = run_cli("classify", "--list", str(listed), "--graph", str(folder["model"]), "--output", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "5 images, 0 could not be classified" in done.stdout and len(read_rows(out)) == 5
+    done = run_cli("classify", str(folder["images"]), "--graph", str(folder["model"]), "--output", str(out))
+    assert done.returncode == 1 and "41 images, 1 could not be classified" in done.stdout  # 1: a file failed
+
+
+@pytest.mark.slow
+def test_ray_gives_the_same_rows(folder, tmp_path):
+    pytest.importorskip("ray")
+    local, on_ray = tmp_path / "local.parquet", tmp_path / "ray.parquet"
+    classify_to_file(folder["model"], folder["paths"], local, top_k=3)
+    result = classify_to_file(folder["model"], folder["paths"], on_ray, top_k=3, ray=True, actors=2)
+    assert (result.images, result.failed) == (41, 1)
+    assert read_rows(on_ray) == read_rows(local)
