@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -71,61 +70,6 @@ def _local_rows(graph: Path, paths: list[str], top_k: int) -> Iterator[list[Row]
     predictor = Predictor(graph)
     with map_ahead(lambda batch: rows_of(predictor, batch, top_k), chunked(paths, BATCH), in_flight=4) as batches:
         yield from batches
-
-
-class _RayClassifier:
-    """A Ray Data actor: one Predictor for its whole life, the rows of each batch of paths."""
-
-    def __init__(self, graph: str, top_k: int, threads: int):
-        from .predictor import Predictor
-
-        self.predictor, self.top_k = Predictor(graph, threads=threads), top_k
-
-    def __call__(self, batch: dict) -> dict:
-        rows = rows_of(self.predictor, [str(p) for p in batch["path"]], self.top_k)
-        return {
-            "path": [r.path for r in rows],
-            "labels": [json.dumps(r.labels) for r in rows],  # one column type whatever a row holds
-            "scores": [json.dumps(r.scores) for r in rows],
-            "error": [r.error or "" for r in rows],
-        }
-
-
-def _ray_rows(graph: Path, paths: list[str], top_k: int, address: str | None, actors: int) -> Iterator[list[Row]]:
-    try:
-        import ray
-        import ray.data  # its loggers exist once imported
-    except ModuleNotFoundError:
-        raise FlowerxError('--ray needs Ray: pip install "flowerx[ray]"') from None
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=address or None, logging_level="ERROR", log_to_driver=False, include_dashboard=False)
-    # Ray Data's per-run INFO lines, quiet while this runs (the caller's own progress says enough)
-    quiet = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("ray.data")]
-    levels = [log.level for log in quiet]
-    for log in quiet:
-        log.setLevel(logging.WARNING)
-    try:
-        context = ray.data.DataContext.get_current()
-        context.execution_options.preserve_order = True  # rows in the listed order, as without --ray
-
-        class Classifier(_RayClassifier):  # its settings in the class itself, not in the object store
-            def __init__(self):
-                super().__init__(str(graph), top_k, 1)
-
-        dataset = ray.data.from_items([{"path": p} for p in paths]).map_batches(
-            Classifier, batch_size=BATCH, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1
-        )
-        for batch in dataset.iter_batches(batch_size=BATCH, batch_format="numpy"):
-            yield [
-                Row(str(p), json.loads(str(lab)), json.loads(str(sc)), str(err) or None)
-                for p, lab, sc, err in zip(batch["path"], batch["labels"], batch["scores"], batch["error"])
-            ]
-    finally:
-        for log, level in zip(quiet, levels):
-            log.setLevel(level)
-        if started:
-            ray.shutdown()
 
 
 class _Writer:
@@ -191,8 +135,12 @@ def classify_to_file(
         raise FlowerxError(f"--output must end in {', '.join(FORMATS)}, not {output.name!r}")
     paths = [str(p) for p in paths]
     check_outputs({"--output": output}, {"--graph": graph, **{f"image {p}": p for p in paths}})
-    workers = actors or max(1, (os.cpu_count() or 1))
-    batches = _ray_rows(graph, paths, top_k, address, workers) if ray else _local_rows(graph, paths, top_k)
+    if ray:
+        from .onray import classify_rows
+
+        batches = classify_rows(graph, paths, top_k, address, actors)
+    else:
+        batches = _local_rows(graph, paths, top_k)
     done = failed = 0
     with _Writer(output, top_k) as writer:
         for rows in batches:

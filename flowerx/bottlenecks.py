@@ -170,6 +170,29 @@ def _look_up(
     return status, (key, image)
 
 
+def compute_batch(
+    items: Sequence[ImageItem],
+    cache: BottleneckCache,
+    model: Callable[[], Callable[[np.ndarray], np.ndarray]],
+    view: tuple[Distortion, int] | None = None,
+    limit: int | None = None,
+    on_warning: Callable[[str], None] = lambda msg: None,
+) -> list[tuple[str, object]]:
+    """One batch of the pass, per image: ("cached" | "computed" | "corrupt", vector) or ("failed", reason).
+    Reads each file once, loads what is cached, decodes the rest, runs model() on them together and stores
+    the results (also what a Ray worker runs, into the same cache)."""
+    limit = limit or max_image_bytes()
+    results = [_look_up(item, cache, view, limit, on_warning) for item in items]
+    todo = [pos for pos, (status, _) in enumerate(results) if status in ("computed", "corrupt")]
+    if todo:
+        out = np.asarray(model()(np.stack([results[pos][1][1] for pos in todo])), cache.dtype)
+        for pos, vector in zip(todo, out):
+            status, (key, _) = results[pos]
+            cache.store(key, vector)
+            results[pos] = (status, vector)
+    return results
+
+
 def get_bottlenecks(
     items: Sequence[ImageItem],
     cache: BottleneckCache,
@@ -199,16 +222,7 @@ def get_bottlenecks(
     model = _Once(make_model)
 
     def process(batch: Sequence[int]) -> list[tuple[str, object]]:
-        """Per image: ("cached" | "computed" | "corrupt", vector) or ("failed", reason)."""
-        results = [_look_up(items[i], cache, view, limit, on_warning) for i in batch]
-        todo = [pos for pos, (status, _) in enumerate(results) if status in ("computed", "corrupt")]
-        if todo:
-            out = np.asarray(model()(np.stack([results[pos][1][1] for pos in todo])), cache.dtype)
-            for pos, vector in zip(todo, out):
-                status, (key, _) = results[pos]
-                cache.store(key, vector)
-                results[pos] = (status, vector)
-        return results
+        return compute_batch([items[i] for i in batch], cache, model, view, limit, on_warning)
 
     # Ctrl-C or a failure stops the queued batches; what was stored stays stored.
     tasks = chunked(range(len(items)), batch_size)

@@ -1,0 +1,80 @@
+"""flowerx's work on Ray Data (`--ray [ADDRESS]`): batch classification (the bottleneck pass is to follow).
+
+A Ray Data pipeline of actors that each hold one Predictor for their whole life, on a local Ray instance or
+the cluster at ADDRESS (as ray.init takes it). On a real cluster the images must be at paths every node can
+read (a shared file system). Ray is imported only here, only when asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import FlowerxError
+
+BATCH = 32
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None):
+    """Ray, connected (a local instance when address is empty), with Ray Data's per-run INFO lines quiet."""
+    try:
+        import ray
+        import ray.data  # its loggers exist once imported
+    except ModuleNotFoundError:
+        raise FlowerxError('--ray needs Ray: pip install "flowerx[ray]"') from None
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address or None, logging_level="ERROR", log_to_driver=False, include_dashboard=False)
+    quiet = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("ray.data")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.WARNING)
+    try:
+        ray.data.DataContext.get_current().execution_options.preserve_order = True  # results in listed order
+        yield ray
+    finally:
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
+        if started:
+            ray.shutdown()
+
+
+def _actors(ray, requested: int | None) -> int:
+    return requested or max(1, int(ray.available_resources().get("CPU", os.cpu_count() or 1)))
+
+
+def classify_rows(graph: Path, paths: list[str], top_k: int, address: str | None, actors: int | None) -> Iterator:
+    """Lists of batch.Row for the paths, in order, from actors that each hold one Predictor."""
+    from .batch import Row, rows_of
+
+    graph_path = str(graph)
+
+    class Classifier:  # a Ray Data actor, as above
+        def __init__(self):
+            from .predictor import Predictor
+
+            self.predictor = Predictor(graph_path, threads=1)
+
+        def __call__(self, batch: dict) -> dict:
+            rows = rows_of(self.predictor, [str(p) for p in batch["path"]], top_k)
+            return {
+                "path": [r.path for r in rows],
+                "labels": [json.dumps(r.labels) for r in rows],  # one column type whatever a row holds
+                "scores": [json.dumps(r.scores) for r in rows],
+                "error": [r.error or "" for r in rows],
+            }
+
+    with ray_session(address) as ray:
+        dataset = ray.data.from_items([{"path": p} for p in paths]).map_batches(
+            Classifier, batch_size=BATCH, compute=ray.data.ActorPoolStrategy(size=_actors(ray, actors)), num_cpus=1
+        )
+        for batch in dataset.iter_batches(batch_size=BATCH, batch_format="numpy"):
+            yield [
+                Row(str(p), json.loads(str(lab)), json.loads(str(sc)), str(err) or None)
+                for p, lab, sc, err in zip(batch["path"], batch["labels"], batch["scores"], batch["error"])
+            ]
