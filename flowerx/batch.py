@@ -138,7 +138,9 @@ def classify_to_file(
     if ray:
         from .onray import classify_rows
 
-        batches = classify_rows(graph, paths, top_k, address, actors)
+        batches = (
+            [Row(**row) for row in rows] for rows in classify_rows(graph, paths, top_k, address, actors, rows_of)
+        )
     else:
         batches = _local_rows(graph, paths, top_k)
     done = failed = 0

@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import FlowerxError
@@ -48,13 +48,14 @@ def _actors(ray, requested: int | None) -> int:
     return requested or max(1, int(ray.available_resources().get("CPU", os.cpu_count() or 1)))
 
 
-def classify_rows(graph: Path, paths: list[str], top_k: int, address: str | None, actors: int | None) -> Iterator:
-    """Lists of batch.Row for the paths, in order, from actors that each hold one Predictor."""
-    from .batch import Row, rows_of
-
+def classify_rows(
+    graph: Path, paths: list[str], top_k: int, address: str | None, actors: int | None, rows_of: Callable
+) -> Iterator[list[dict]]:
+    """Batches of rows (dicts: path, labels, scores, error) for the paths, in order, from actors that each hold
+    one Predictor; rows_of(predictor, paths, top_k) makes a batch's rows (objects with those attributes)."""
     graph_path = str(graph)
 
-    class Classifier:  # a Ray Data actor, as above
+    class Classifier:  # a Ray Data actor; its settings live in the class, not in the object store
         def __init__(self):
             from .predictor import Predictor
 
@@ -75,6 +76,11 @@ def classify_rows(graph: Path, paths: list[str], top_k: int, address: str | None
         )
         for batch in dataset.iter_batches(batch_size=BATCH, batch_format="numpy"):
             yield [
-                Row(str(p), json.loads(str(lab)), json.loads(str(sc)), str(err) or None)
+                {
+                    "path": str(p),
+                    "labels": json.loads(str(lab)),
+                    "scores": json.loads(str(sc)),
+                    "error": str(err) or None,
+                }
                 for p, lab, sc, err in zip(batch["path"], batch["labels"], batch["scores"], batch["error"])
             ]
