@@ -190,7 +190,7 @@ def _add_train(sub, common, full: bool = True) -> None:
         if isinstance(f.default, bool):
             group.add_argument(flag, action="store_true", help=meta["help"])
             continue
-        shown = "" if meta.get("required") or meta.get("derived") else f" (default: {f.default})"
+        shown = "" if meta.get("required") or meta.get("derived") or f.default == "" else f" (default: {f.default})"
         group.add_argument(
             flag,
             type=type(f.default),
@@ -198,9 +198,12 @@ def _add_train(sub, common, full: bool = True) -> None:
             help=meta["help"] + shown,
             required=bool(meta.get("required")),
             choices=meta.get("choices"),
+            nargs=meta.get("nargs"),
+            const=meta.get("const"),
             metavar=None
             if meta.get("choices")
-            else {"graph": "PATH", "labels": "PATH"}.get(f.name.split("_")[-1], f.name.split("_")[-1].upper()),
+            else meta.get("metavar")
+            or {"graph": "PATH", "labels": "PATH"}.get(f.name.split("_")[-1], f.name.split("_")[-1].upper()),
         )
     groups["output"].add_argument(
         "--json", metavar="PATH", help="also write the run's result (accuracies, counts, timings) as JSON to PATH"

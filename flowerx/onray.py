@@ -1,8 +1,9 @@
-"""flowerx's work on Ray Data (`--ray [ADDRESS]`): batch classification (the bottleneck pass is to follow).
+"""flowerx's work on Ray Data (`--ray [ADDRESS]`): the bottleneck pass and batch classification.
 
-A Ray Data pipeline of actors that each hold one Predictor for their whole life, on a local Ray instance or
-the cluster at ADDRESS (as ray.init takes it). On a real cluster the images must be at paths every node can
-read (a shared file system). Ray is imported only here, only when asked for.
+Both are Ray Data pipelines of actors that each hold one onnxruntime session for their whole life, on a
+local Ray instance or the cluster at ADDRESS (as ray.init takes it). The bottleneck pass fills the same
+content-keyed cache the local pass writes, which then reads every entry back. On a real cluster the images
+and the cache must be at paths every node can read (a shared file system). Ray is imported only here.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from .errors import FlowerxError
@@ -46,6 +47,45 @@ def ray_session(address: str | None):
 
 def _actors(ray, requested: int | None) -> int:
     return requested or max(1, int(ray.available_resources().get("CPU", os.cpu_count() or 1)))
+
+
+def fill_cache(
+    items: Sequence,
+    cache,
+    features_onnx: Path,
+    view=None,
+    address: str | None = None,
+    actors: int | None = None,
+    on_progress: Callable[[int], None] = lambda n: None,
+) -> int:
+    """Compute the images' missing entries of a bottleneck cache on Ray (`view` as in get_bottlenecks), each
+    written atomically by the worker that computed it, into the cache the local pass then reads (so a run
+    killed midway resumes from what was written); returns how many images were looked at. Images that fail
+    are left to the local pass, which reports them."""
+    from .bottlenecks import BottleneckCache, compute_batch, stream_session
+    from .data import ImageItem
+
+    root, arch, weights_id, model_path = cache.dir.parent, cache.arch, cache.weights_id, str(features_onnx)
+
+    class Bottlenecks:  # a Ray Data actor; its settings live in the class, not in the object store
+        def __init__(self):
+            self.cache = BottleneckCache(root, arch, weights_id)
+            self.model = stream_session(model_path)
+
+        def __call__(self, batch: dict) -> dict:
+            chosen = [ImageItem(Path(str(p)), str(r), 0) for p, r in zip(batch["path"], batch["relpath"])]
+            return {"status": [status for status, _ in compute_batch(chosen, self.cache, lambda: self.model, view)]}
+
+    rows = [{"path": str(item.path), "relpath": item.relpath} for item in items]
+    with ray_session(address) as ray:
+        dataset = ray.data.from_items(rows).map_batches(
+            Bottlenecks, batch_size=BATCH, compute=ray.data.ActorPoolStrategy(size=_actors(ray, actors)), num_cpus=1
+        )
+        done = 0
+        for batch in dataset.iter_batches(batch_size=BATCH, batch_format="numpy"):
+            done += len(batch["status"])
+            on_progress(len(batch["status"]))
+        return done
 
 
 def classify_rows(

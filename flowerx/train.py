@@ -77,6 +77,15 @@ class TrainConfig:
         ".flowerx/bottlenecks", "cache of per-image bottleneck features, reused by later runs", "network"
     )
     bottleneck_batch_size: int = _option(32, "images per network call when computing bottlenecks", "network")
+    ray: str = _option(
+        "",
+        "compute the bottlenecks (and distorted views) on Ray Data: a local Ray instance, or ADDRESS as ray.init "
+        'takes it; the cache must be on a path every node reads ("flowerx[ray]")',
+        "network",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+    )
     # head
     how_many_training_steps: int = _option(4000, "training steps of the softmax layer", "head")
     learning_rate: float = _option(0.01, "SGD learning rate of the softmax layer", "head")
@@ -411,7 +420,7 @@ def _pass(events: Events, title: str, items, cache: BottleneckCache, make_model:
 
 
 MIN_SPLIT = 20  # a validation or test split smaller than this gets a warning: one image moves it 5+ points
-NOT_RECORDED = ("image_dir", "model_dir", "bottleneck_dir")  # where things are, not what the model is
+NOT_RECORDED = ("image_dir", "model_dir", "bottleneck_dir", "ray")  # where things are (or ran), not the model
 
 
 @dataclass
@@ -507,9 +516,26 @@ def _prepare(cfg: TrainConfig, events: Events) -> _Job:
     return _Job(cfg, events, arch, dataset, cache, networks)
 
 
+def _on_ray(job: _Job, title: str, items: Sequence[ImageItem], view=None) -> None:
+    """With --ray: the pass's missing cache entries computed on Ray first (the local pass then reads them)."""
+    if not job.cfg.ray:
+        return
+    from .onray import fill_cache
+
+    done = [0]
+
+    def advance(n: int) -> None:
+        done[0] += n
+        job.events.progress(f"{title} on Ray", done[0], len(items), "img")
+
+    address = None if job.cfg.ray == "local" else job.cfg.ray
+    fill_cache(items, job.cache, job.networks.features_onnx(), view, address, on_progress=advance)
+
+
 def _bottlenecks(job: _Job) -> tuple[np.ndarray, np.ndarray, BottleneckStats]:
     """Every image's bottleneck: cached where possible, computed in batches otherwise."""
     t = time.perf_counter()
+    _on_ray(job, "Bottlenecks", job.dataset.items)
     features, ok, stats = _pass(
         job.events, "Bottlenecks", job.dataset.items, job.cache, job.networks.batch_fn, job.cfg.bottleneck_batch_size
     )
@@ -572,6 +598,7 @@ def _with_views(
     train = splits["train"]
     rows, ys, train_rows, computed = [features], [labels], [train], 0
     for k in range(1, cfg.distorted_views + 1):
+        _on_ray(job, f"Views {k}/{cfg.distorted_views}", [items[i] for i in train], (cfg.distortion, k))
         view, ok, stats = _pass(
             job.events,
             f"Views {k}/{cfg.distorted_views}",

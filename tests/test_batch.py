@@ -71,3 +71,28 @@ def test_ray_gives_the_same_rows(folder, tmp_path):
     result = classify_to_file(folder["model"], folder["paths"], on_ray, top_k=3, ray=True, actors=2)
     assert (result.images, result.failed) == (41, 1)
     assert read_rows(on_ray) == read_rows(local)
+
+
+@pytest.mark.slow
+def test_train_with_ray_fills_the_same_cache_and_gives_the_same_model(shared, tmp_path):
+    """Issue 15: the bottleneck pass on a real local Ray instance writes the cache the local pass writes."""
+    pytest.importorskip("ray")
+    import numpy as np
+    from conftest import small_train_args, subset
+
+    from flowerx.predictor import Predictor
+
+    data = subset(shared, tmp_path / "data", 8)
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    first = run_cli(*small_train_args(shared, data, local, steps="50"), timeout=300)
+    second = run_cli(*small_train_args(shared, data, on_ray, steps="50"), "--ray", timeout=300)
+    assert first.returncode == 0 and second.returncode == 0, second.stderr
+    assert "Bottlenecks: 0 cached, 24 computed" in first.stdout
+    assert "Bottlenecks: 24 cached, 0 computed" in second.stdout  # Ray computed them; the local pass read them
+    entries = {p.relative_to(local / "bn"): np.load(p) for p in (local / "bn").rglob("*.npy")}
+    ray_entries = {p.relative_to(on_ray / "bn"): np.load(p) for p in (on_ray / "bn").rglob("*.npy")}
+    assert entries.keys() == ray_entries.keys() and len(entries) == 24
+    assert max(float(np.abs(entries[k] - ray_entries[k]).max()) for k in entries) < 1e-6
+    photos = sorted(data.rglob("*.jpg"))[:6]
+    a, b = Predictor(local / "model.onnx"), Predictor(on_ray / "model.onnx")
+    assert np.abs(a.probabilities(photos) - b.probabilities(photos)).max() < 1e-6
