@@ -80,6 +80,7 @@ class _Writer:
         self.tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
 
     def __enter__(self):
+        self.output.parent.mkdir(parents=True, exist_ok=True)  # check_outputs found it writable
         if self.kind == ".parquet":
             try:
                 import pyarrow as pa

@@ -38,6 +38,8 @@ def test_rows_in_every_format_are_the_same_and_name_the_bad_file(folder, tmp_pat
             assert row["labels"][0] == row["path"].rsplit("-", 1)[1][:-4] and len(row["scores"]) == 2
     assert read_rows(outputs[".csv"]) == rows and read_rows(outputs[".parquet"]) == rows
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv", "out.jsonl", "out.parquet"]  # no temp files
+    nested = tmp_path / "new" / "folder" / "rows.jsonl"  # an output folder that does not exist yet
+    assert classify_to_file(folder["model"], folder["paths"][:3], nested).images == 3 and nested.is_file()
 
 
 def test_bad_outputs_are_refused_before_any_work(folder, tmp_path):
