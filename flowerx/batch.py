@@ -6,6 +6,10 @@ one onnxruntime call per batch); with `ray` the same rows come from a Ray Data p
 one Predictor (a local Ray instance, or a cluster's address), so the output is the same either way. Rows are
 written as they come (the driver holds one batch, never all results) into a temporary file beside the output,
 renamed into place at the end. No TensorFlow; Ray is imported only when asked for (`flowerx[ray]`).
+
+Images can also come from storage URIs that pyarrow's file systems read (`s3://bucket/photos/`, `gs://...`,
+`hdfs://...`, `file:///...`), on the driver and on every Ray worker alike: credentials as pyarrow finds them
+(the usual environment variables and config files of each cloud); the rows' paths are the URIs.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ import csv
 import io
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .data import IMAGE_EXTENSIONS, max_image_bytes
 from .errors import FlowerxError, ImageError
 from .fileio import check_outputs
 from .parallel import chunked, map_ahead
@@ -46,12 +52,69 @@ class BatchResult:
     failed: int
 
 
+_URI = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def is_uri(source: str) -> bool:
+    return bool(_URI.match(source))
+
+
+def _file_system(uri: str):
+    try:
+        from pyarrow import fs
+    except ModuleNotFoundError:
+        raise FlowerxError('storage URIs are read with pyarrow: pip install pyarrow (or "flowerx[ray]")') from None
+    try:
+        return fs.FileSystem.from_uri(uri)
+    except Exception as e:  # pyarrow's errors: unknown scheme, no such bucket, no credentials, ...
+        raise FlowerxError(f"cannot open {uri}: {str(e).splitlines()[0]}") from None
+
+
+def list_uri(uri: str) -> list[str]:
+    """The image files under a storage URI (recursively, sorted), as URIs; a URI of one file is itself."""
+    from pyarrow import fs
+
+    system, root = _file_system(uri)
+    scheme = uri[: _URI.match(uri).end()]
+    try:
+        info = system.get_file_info(root)
+        if info.type == fs.FileType.File:
+            return [uri]
+        if info.type != fs.FileType.Directory:
+            raise FlowerxError(f"{uri} does not exist")
+        found = system.get_file_info(fs.FileSelector(root, recursive=True))
+    except OSError as e:
+        raise FlowerxError(f"cannot list {uri}: {str(e).splitlines()[0]}") from None
+    names = sorted(
+        f.path
+        for f in found
+        if f.type == fs.FileType.File
+        and os.path.splitext(f.path)[1].lower() in IMAGE_EXTENSIONS
+        and not f.base_name.startswith(".")
+    )
+    return [scheme + name for name in names]
+
+
+def read_uri(uri: str, limit: int) -> bytes:
+    """One object's bytes (up to limit, else an ImageError, as for local files)."""
+    system, path = _file_system(uri)
+    try:
+        with system.open_input_stream(path) as stream:
+            data = stream.read(limit + 1)
+    except (OSError, FlowerxError) as e:
+        raise ImageError(uri, f"cannot read file ({str(e).splitlines()[0]})") from None
+    if len(data) > limit:
+        raise ImageError(uri, f"file is too large (over the limit of {limit / 2**20:.0f} MiB)")
+    return data
+
+
 def rows_of(predictor, paths: list[str], top_k: int) -> list[Row]:
-    """The rows of a batch of image paths: decoded (a bad one becomes its error row), run together."""
+    """The rows of a batch of image paths or URIs: decoded (a bad one becomes its error row), run together."""
     pixels, rows, good = [], [], []
+    limit = max_image_bytes()
     for path in paths:
         try:
-            pixels.append(predictor.preprocess(path))
+            pixels.append(predictor.preprocess(read_uri(path, limit) if is_uri(path) else path))
             good.append(len(rows))
             rows.append(Row(path, [], []))
         except ImageError as e:
@@ -135,7 +198,7 @@ def classify_to_file(
     if output.suffix.lower() not in FORMATS:
         raise FlowerxError(f"--output must end in {', '.join(FORMATS)}, not {output.name!r}")
     paths = [str(p) for p in paths]
-    check_outputs({"--output": output}, {"--graph": graph, **{f"image {p}": p for p in paths}})
+    check_outputs({"--output": output}, {"--graph": graph, **{f"image {p}": p for p in paths if not is_uri(p)}})
     if ray:
         from .onray import classify_rows
 

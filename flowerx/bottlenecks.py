@@ -1,8 +1,14 @@
 """The bottleneck cache: each image's pooled features, computed once per architecture and reused.
 
 An entry is keyed by a hash of the image's bytes (so an edited image is recomputed and a moved one is
-not), stored as a plain .npy file (never pickled), written atomically (an interrupted run leaves no
-corrupt entry and resumes where it stopped), and checked when read.
+not), written atomically (an interrupted run leaves no corrupt entry and resumes where it stopped), never
+pickled, and checked when read. Two forms, the same entries:
+  files  (BottleneckCache): one .npy per image. Exact resume and per-image invalidation; right on a laptop.
+  shards (ShardedCache): .npz shards of (content hash, features) rows, up to SHARD_ROWS each, whose key
+         arrays are the index. A million images is 250 files, not a million: right on network storage and
+         for Ray workers. A run killed midway loses at most the rows not yet written as a shard.
+open_cache picks one (CACHE_FORMATS): the form the folder already holds, else shards from SHARD_THRESHOLD
+images up.
 """
 
 from __future__ import annotations
@@ -10,9 +16,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+import zipfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +32,7 @@ from .architectures import Architecture
 from .contract import INPUT
 from .data import Distortion, ImageItem, max_image_bytes, prepare_image
 from .errors import FlowerxError, ImageError
-from .fileio import RefusedFile, read_regular
+from .fileio import RefusedFile, atomic_write, read_regular
 from .parallel import chunked, map_ahead
 
 # Bump when the decode rule or the features change, so old entries are never mixed with new ones.
@@ -30,6 +40,9 @@ from .parallel import chunked, map_ahead
 # decoded at >= 4x the input size
 CACHE_VERSION = "v3"
 IN_MEMORY_LIMIT = 1 << 30  # bytes of features kept in RAM; larger datasets are memory-mapped
+CACHE_FORMATS = ("auto", "files", "shards")
+SHARD_THRESHOLD = 50_000  # images from which "auto" picks shards for a new cache
+SHARD_ROWS = 4096  # rows per shard: 16 MB for mobilenet_1.0_224's 1024 features
 
 
 @dataclass
@@ -42,6 +55,8 @@ class BottleneckStats:
 
 class BottleneckCache:
     """Files under <root>/<architecture>-<weights>-<version>/<key[:2]>/<key>.npy; keys are hex digests only."""
+
+    sharded = False
 
     def __init__(self, root: str | os.PathLike, arch: Architecture, weights_id: str = "imagenet"):
         """weights_id names the weights the features come from (a hash of the file): other weights, other
@@ -100,6 +115,146 @@ class BottleneckCache:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise FlowerxError(f"cannot write the bottleneck cache in {self.dir}: {e.strerror or e}") from None
+
+    def refresh(self, on_warning: Callable[[str], None] = lambda msg: None) -> None:
+        """See entries other processes wrote since (the files form always does)."""
+
+    def flush(self) -> None:
+        """Write what store() holds back (the files form holds nothing)."""
+
+
+class ShardedCache(BottleneckCache):
+    """Shards <root>/<architecture>-<weights>-<version>-shards/shard-<digest>.npz, each holding `keys`
+    (uint8 [n, 32], the content hashes) and `features` (float32 [n, D]); the digest is the hash of its keys,
+    so two workers that wrote the same rows write the same file. store() gathers rows and writes a shard
+    atomically every SHARD_ROWS rows and at flush(); the zip's CRC-32, the shapes and finiteness are checked
+    on read, and a damaged shard is set aside (renamed *.damaged) and its rows recomputed. The index of every
+    shard's keys is held in memory (about 150 bytes per image) and refresh() adds the shards written since."""
+
+    NAME = re.compile(r"shard-[0-9a-f]{40}\.npz")
+    sharded = True
+
+    def __init__(self, root: str | os.PathLike, arch: Architecture, weights_id: str = "imagenet"):
+        super().__init__(root, arch, weights_id)
+        self.dir = self.dir.with_name(self.dir.name + "-shards")
+        self._index: dict[bytes, tuple[int, int]] = {}  # key -> (shard number, row)
+        self._shards: list[Path] = []
+        self._known: set[str] = set()
+        self._pending: dict[bytes, np.ndarray] = {}
+        self._loaded: OrderedDict[int, np.ndarray] = OrderedDict()  # a few shards' features, last used last
+        self._lock = threading.RLock()
+        self._refreshed = False
+
+    def _set_aside(self, path: Path, why: str, on_warning: Callable[[str], None]) -> None:
+        on_warning(f"setting aside damaged cache shard {path.name} (its images are recomputed): {why}")
+        try:
+            os.replace(path, path.with_name(path.name + ".damaged"))  # our own file: NAME matched it
+        except OSError:
+            pass
+
+    def refresh(self, on_warning: Callable[[str], None] = lambda msg: None) -> None:
+        self._refreshed = True
+        try:
+            names = sorted(e.name for e in os.scandir(self.dir) if self.NAME.fullmatch(e.name))
+        except FileNotFoundError:
+            return
+        with self._lock:
+            for name in names:
+                if name in self._known:
+                    continue
+                self._known.add(name)
+                path = self.dir / name
+                try:
+                    with np.load(path, allow_pickle=False) as shard:
+                        keys = shard["keys"]
+                    if keys.ndim != 2 or keys.shape[1] != 32 or keys.dtype != np.uint8:
+                        raise ValueError(f"keys of shape {keys.shape} {keys.dtype}")
+                except FileNotFoundError:
+                    continue
+                except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+                    self._set_aside(path, str(e), on_warning)
+                    continue
+                number = len(self._shards)
+                self._shards.append(path)
+                for row, key in enumerate(keys):
+                    self._index[key.tobytes()] = (number, row)
+
+    def _features(self, number: int) -> np.ndarray:
+        """A shard's feature rows, checked (raises ValueError, and sets the shard aside, when damaged)."""
+        if number in self._loaded:
+            self._loaded.move_to_end(number)
+            return self._loaded[number]
+        path = self._shards[number]
+        try:
+            with np.load(path, allow_pickle=False) as shard:
+                keys, features = shard["keys"], shard["features"]
+            if features.shape != (len(keys), *self.shape) or features.dtype != self.dtype:
+                raise ValueError(f"features of shape {features.shape} {features.dtype}")
+            if not np.isfinite(features).all():
+                raise ValueError("features that are not finite")
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            self._index = {k: v for k, v in self._index.items() if v[0] != number}
+            self._set_aside(path, str(e), lambda msg: None)
+            raise ValueError(f"damaged cache shard {path.name}: {e}") from None
+        self._loaded[number] = features
+        while len(self._loaded) > 4:
+            self._loaded.popitem(last=False)
+        return features
+
+    def load(self, key: str) -> np.ndarray | None:
+        self.path(key)  # checks the key
+        raw = bytes.fromhex(key)
+        if not self._refreshed:
+            self.refresh()
+        with self._lock:
+            if raw in self._pending:
+                return self._pending[raw]
+            where = self._index.get(raw)
+            if where is None:
+                return None
+            return self._features(where[0])[where[1]].copy()
+
+    def store(self, key: str, vector: np.ndarray) -> None:
+        self.path(key)
+        with self._lock:
+            self._pending[bytes.fromhex(key)] = np.ascontiguousarray(vector, dtype=self.dtype)
+            if len(self._pending) >= SHARD_ROWS:
+                self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            if not self._pending:
+                return
+            keys = np.frombuffer(b"".join(self._pending), np.uint8).reshape(-1, 32)
+            features = np.stack(list(self._pending.values()))
+            buffer = io.BytesIO()
+            np.savez(buffer, keys=keys, features=features)
+            name = f"shard-{hashlib.sha256(keys.tobytes()).hexdigest()[:40]}.npz"
+            atomic_write(self.dir / name, buffer.getvalue())  # raises FlowerxError, the pending rows kept
+            self._pending.clear()
+            self._known.add(name)
+            number = len(self._shards)
+            self._shards.append(self.dir / name)
+            for row, key in enumerate(keys):
+                self._index[key.tobytes()] = (number, row)
+            self._loaded[number] = features
+
+
+def open_cache(
+    root: str | os.PathLike, arch: Architecture, weights_id: str, images: int, form: str = "auto"
+) -> BottleneckCache:
+    """The cache of this form; "auto": the form the folder already holds (files if both), else shards for
+    SHARD_THRESHOLD images or more, files below."""
+    if form not in CACHE_FORMATS:
+        raise FlowerxError(f"unknown cache format {form!r}: one of {', '.join(CACHE_FORMATS)}")
+    files = BottleneckCache(root, arch, weights_id)
+    if form == "auto":
+        shards_dir = files.dir.with_name(files.dir.name + "-shards")
+        if files.dir.is_dir() or shards_dir.is_dir():
+            form = "files" if files.dir.is_dir() else "shards"
+        else:
+            form = "shards" if images >= SHARD_THRESHOLD else "files"
+    return files if form == "files" else ShardedCache(root, arch, weights_id)
 
 
 def stream_session(model: str | os.PathLike | bytes) -> Callable[[np.ndarray], np.ndarray]:
@@ -193,6 +348,15 @@ def compute_batch(
     return results
 
 
+@contextmanager
+def _flushed(cache: BottleneckCache) -> Iterator[None]:
+    """Writes what the cache holds back on the way out, also after Ctrl-C or a failure."""
+    try:
+        yield
+    finally:
+        cache.flush()
+
+
 def get_bottlenecks(
     items: Sequence[ImageItem],
     cache: BottleneckCache,
@@ -226,7 +390,8 @@ def get_bottlenecks(
 
     # Ctrl-C or a failure stops the queued batches; what was stored stays stored.
     tasks = chunked(range(len(items)), batch_size)
-    with map_ahead(lambda b: (b, process(b)), tasks, workers) as done:
+    cache.refresh(on_warning)
+    with _flushed(cache), map_ahead(lambda b: (b, process(b)), tasks, workers) as done:
         for batch, results in done:
             for i, (status, value) in zip(batch, results):
                 if status == "failed":

@@ -459,9 +459,11 @@ def _predictor(args: argparse.Namespace):
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
+    from .batch import is_uri, list_uri
     from .data import list_images
 
-    sources = [os.path.expanduser(s) for s in list(args.images) + list(args.image)]
+    sources = [os.path.expanduser(s) for s in list(args.images) + list(args.image)]  # (a URI is left as it is)
+    named = len(sources)  # a list file's URIs name files: not listed, one request each
     if args.list:
         sources += _read_list(args.list)
     if not sources:
@@ -470,9 +472,14 @@ def cmd_classify(args: argparse.Namespace) -> int:
         raise FlowerxError("--top-k must be positive")
     if args.ray is not None and not args.output:
         raise FlowerxError("--ray writes its rows to a file: give --output predictions.parquet (or .jsonl, .csv)")
-    paths = []
-    for source in sources:
-        paths.extend(list_images(source, args.follow_links) if os.path.isdir(source) else [Path(source)])
+    paths: list = []
+    for n, source in enumerate(sources):
+        if is_uri(source):
+            if not args.output:
+                raise FlowerxError(f"{source}: a storage URI is classified into a file: give --output")
+            paths.extend(list_uri(source) if n < named else [source])
+        else:
+            paths.extend(list_images(source, args.follow_links) if os.path.isdir(source) else [Path(source)])
     if not paths:
         raise FlowerxError(f"no images found in {', '.join(sources)}")
     if args.output:

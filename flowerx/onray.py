@@ -12,7 +12,9 @@ import contextlib
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import FlowerxError
@@ -49,6 +51,21 @@ def _actors(ray, requested: int | None) -> int:
     return requested or max(1, int(ray.available_resources().get("CPU", os.cpu_count() or 1)))
 
 
+@dataclass
+class RayPass:
+    """What a bottleneck pass on Ray did, from the rows its actors returned (a block that Ray reran after a
+    node went away counts once, as its last run saw it)."""
+
+    nodes: Counter = field(default_factory=Counter)  # images per Ray node id
+    statuses: Counter = field(default_factory=Counter)  # images per compute_batch status: cached, computed, ...
+
+
+def _pool(ray, requested: int | None):
+    """Up to one actor per CPU (or `requested`), and never fewer than one: a node that goes away takes its
+    actors with it, Ray reruns their unfinished blocks, and the pass goes on with the actors that are left."""
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=_actors(ray, requested))
+
+
 def fill_cache(
     items: Sequence,
     cache,
@@ -57,34 +74,49 @@ def fill_cache(
     address: str | None = None,
     actors: int | None = None,
     on_progress: Callable[[int], None] = lambda n: None,
-) -> int:
+    block: int | None = None,
+) -> RayPass:
     """Compute the images' missing entries of a bottleneck cache on Ray (`view` as in get_bottlenecks), each
     written atomically by the worker that computed it, into the cache the local pass then reads (so a run
-    killed midway resumes from what was written); returns how many images were looked at. Images that fail
-    are left to the local pass, which reports them."""
-    from .bottlenecks import BottleneckCache, compute_batch, stream_session
+    killed midway resumes from what was written); returns what the actors did (RayPass). Images that fail
+    are left to the local pass, which reports them. A worker first looks at what the others wrote since it
+    started (cache.refresh), so a rerun block computes only what is not written yet. block: images per Ray
+    task (the sharded form writes one shard per block: SHARD_ROWS // 4 by default; the files form BATCH)."""
+    from .bottlenecks import SHARD_ROWS, ShardedCache, compute_batch, stream_session
     from .data import ImageItem
+    from .parallel import chunked
 
-    root, arch, weights_id, model_path = cache.dir.parent, cache.arch, cache.weights_id, str(features_onnx)
+    form, root, arch, weights_id = type(cache), cache.dir.parent, cache.arch, cache.weights_id
+    model_path = str(features_onnx)
+    block = block or (SHARD_ROWS // 4 if isinstance(cache, ShardedCache) else BATCH)
 
     class Bottlenecks:  # a Ray Data actor; its settings live in the class, not in the object store
         def __init__(self):
-            self.cache = BottleneckCache(root, arch, weights_id)
+            import ray
+
+            self.cache = form(root, arch, weights_id)
             self.model = stream_session(model_path)
+            self.node = ray.get_runtime_context().get_node_id()
 
         def __call__(self, batch: dict) -> dict:
+            self.cache.refresh()
             chosen = [ImageItem(Path(str(p)), str(r), 0) for p, r in zip(batch["path"], batch["relpath"])]
-            return {"status": [status for status, _ in compute_batch(chosen, self.cache, lambda: self.model, view)]}
+            status = []
+            for part in chunked(range(len(chosen)), BATCH):
+                results = compute_batch([chosen[i] for i in part], self.cache, lambda: self.model, view)
+                status += [s for s, _ in results]
+            self.cache.flush()
+            return {"status": status, "node": [self.node] * len(status)}
 
     rows = [{"path": str(item.path), "relpath": item.relpath} for item in items]
     with ray_session(address) as ray:
-        dataset = ray.data.from_items(rows).map_batches(
-            Bottlenecks, batch_size=BATCH, compute=ray.data.ActorPoolStrategy(size=_actors(ray, actors)), num_cpus=1
-        )
-        done = 0
-        for batch in dataset.iter_batches(batch_size=BATCH, batch_format="numpy"):
-            done += len(batch["status"])
-            on_progress(len(batch["status"]))
+        dataset = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // block)))
+        dataset = dataset.map_batches(Bottlenecks, batch_size=block, compute=_pool(ray, actors), num_cpus=1)
+        done = RayPass()
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            done.nodes.update(str(n) for n in batch["node"])
+            done.statuses.update(str(s) for s in batch["status"])
+            on_progress(len(batch["node"]))
         return done
 
 
@@ -112,7 +144,7 @@ def classify_rows(
 
     with ray_session(address) as ray:
         dataset = ray.data.from_items([{"path": p} for p in paths]).map_batches(
-            Classifier, batch_size=BATCH, compute=ray.data.ActorPoolStrategy(size=_actors(ray, actors)), num_cpus=1
+            Classifier, batch_size=BATCH, compute=_pool(ray, actors), num_cpus=1
         )
         for batch in dataset.iter_batches(batch_size=BATCH, batch_format="numpy"):
             yield [

@@ -26,7 +26,15 @@ from .architectures import (
     resolve_weights,
     weights_fingerprint,
 )
-from .bottlenecks import BottleneckCache, BottleneckStats, get_bottlenecks, stream_session
+from .bottlenecks import (
+    CACHE_FORMATS,
+    SHARD_THRESHOLD,
+    BottleneckCache,
+    BottleneckStats,
+    get_bottlenecks,
+    open_cache,
+    stream_session,
+)
 from .contract import FEATURES, Contract
 from .data import Dataset, Distortion, ImageItem, discover, prepare_image, split_names
 from .errors import FlowerxError, ImageError
@@ -77,6 +85,13 @@ class TrainConfig:
         ".flowerx/bottlenecks", "cache of per-image bottleneck features, reused by later runs", "network"
     )
     bottleneck_batch_size: int = _option(32, "images per network call when computing bottlenecks", "network")
+    cache_format: str = _option(
+        "auto",
+        "bottleneck cache form: one .npy per image (files) or .npz shards of 4096 (shards, for network storage and "
+        f"Ray); auto: what the cache already holds, else shards from {SHARD_THRESHOLD:,} images",
+        "network",
+        choices=CACHE_FORMATS,
+    )
     ray: str = _option(
         "",
         "compute the bottlenecks (and distorted views) on Ray Data: a local Ray instance, or ADDRESS as ray.init "
@@ -192,6 +207,8 @@ class TrainConfig:
             raise FlowerxError("--distorted-views must be at least 1")
         if self.quantize not in ("none", "int8"):
             raise FlowerxError(f"--quantize must be none or int8, not {self.quantize!r}")
+        if self.cache_format not in CACHE_FORMATS:
+            raise FlowerxError(f"--cache-format must be one of {', '.join(CACHE_FORMATS)}, not {self.cache_format!r}")
         for name in ("validation_batch_size", "test_batch_size"):
             if getattr(self, name) == 0 or getattr(self, name) < -1:
                 raise FlowerxError(f"--{_flag(name)} must be positive or -1 (all)")
@@ -420,7 +437,8 @@ def _pass(events: Events, title: str, items, cache: BottleneckCache, make_model:
 
 
 MIN_SPLIT = 20  # a validation or test split smaller than this gets a warning: one image moves it 5+ points
-NOT_RECORDED = ("image_dir", "model_dir", "bottleneck_dir", "ray")  # where things are (or ran), not the model
+# where things are (or ran, or how the cache stores them), not the model
+NOT_RECORDED = ("image_dir", "model_dir", "bottleneck_dir", "cache_format", "ray")
 
 
 @dataclass
@@ -510,8 +528,8 @@ def _prepare(cfg: TrainConfig, events: Events) -> _Job:
         f"({', '.join(dataset.labels)})"
         + (" (split by its train/val/test folders; the split percentages do not apply)" if dataset.presplit else "")
     )
-    events.detail(f"weights {weights}; bottleneck cache {cfg.bottleneck_dir}")
-    cache = BottleneckCache(cfg.bottleneck_dir, arch, weights_fingerprint(weights))
+    cache = open_cache(cfg.bottleneck_dir, arch, weights_fingerprint(weights), len(dataset.items), cfg.cache_format)
+    events.detail(f"weights {weights}; bottleneck cache {cache.dir} ({'shards' if cache.sharded else 'files'})")
     networks = _Networks(arch, weights, cache, dataset.items, events)
     return _Job(cfg, events, arch, dataset, cache, networks)
 

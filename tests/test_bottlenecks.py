@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 from conftest import make_image
 
+from flowerx import bottlenecks
 from flowerx.architectures import Architecture
-from flowerx.bottlenecks import BottleneckCache, get_bottlenecks
+from flowerx.bottlenecks import BottleneckCache, ShardedCache, get_bottlenecks, open_cache
 from flowerx.data import discover
 
 ARCH = Architecture("fake_16", "mobilenet_v1", input_size=16, feature_dim=3, alpha=1.0)
@@ -29,6 +30,12 @@ def dataset(tmp_path):
     return discover(tmp_path / "img")
 
 
+@pytest.fixture(params=[BottleneckCache, ShardedCache], ids=["files", "shards"])
+def form(request):
+    """Each test that takes it runs on both forms of the cache: the same entries, the same behaviour."""
+    return request.param
+
+
 def run(dataset, cache, net, **kw):
     built = []
 
@@ -40,8 +47,8 @@ def run(dataset, cache, net, **kw):
     return features, ok, stats, bool(built)
 
 
-def test_cold_then_warm(dataset, tmp_path):
-    cache, net = BottleneckCache(tmp_path / "cache", ARCH), FakeNet()
+def test_cold_then_warm(dataset, tmp_path, form):
+    cache, net = form(tmp_path / "cache", ARCH), FakeNet()
     cold, ok, stats, built = run(dataset, cache, net)
     assert stats.computed == 10 and stats.cached == 0 and ok.all() and built and net.images == 10
     warm, ok, stats, built = run(dataset, cache, FakeNet())
@@ -50,8 +57,8 @@ def test_cold_then_warm(dataset, tmp_path):
     assert not np.allclose(cold[0], cold[1])
 
 
-def test_changed_image_is_recomputed_moved_one_is_not(dataset, tmp_path):
-    cache = BottleneckCache(tmp_path / "cache", ARCH)
+def test_changed_image_is_recomputed_moved_one_is_not(dataset, tmp_path, form):
+    cache = form(tmp_path / "cache", ARCH)
     run(dataset, cache, FakeNet())
     make_image(dataset.items[0].path, fmt="PNG", seed=99)  # new content, same name
     _, _, stats, _ = run(dataset, cache, FakeNet())
@@ -74,17 +81,18 @@ def test_damaged_entries_are_detected_and_recomputed(dataset, tmp_path):
     np.testing.assert_array_equal(features, good)
 
 
-def test_unreadable_images_are_skipped_and_reported(dataset, tmp_path):
+def test_unreadable_images_are_skipped_and_reported(dataset, tmp_path, form):
     dataset.items[3].path.write_bytes(b"not an image")
     warnings = []
-    _, ok, stats, _ = run(dataset, BottleneckCache(tmp_path / "cache", ARCH), FakeNet(), on_warning=warnings.append)
+    _, ok, stats, _ = run(dataset, form(tmp_path / "cache", ARCH), FakeNet(), on_warning=warnings.append)
     assert ok.sum() == 9 and not ok[3]
     assert stats.failed == [(dataset.items[3].relpath, "not an image (unrecognised format)")]
     assert len(warnings) == 1 and dataset.items[3].relpath in warnings[0]
 
 
-def test_interrupted_run_keeps_what_it_wrote(dataset, tmp_path):
-    cache = BottleneckCache(tmp_path / "cache", ARCH)
+def test_interrupted_run_keeps_what_it_wrote(dataset, tmp_path, form):
+    """Ctrl-C midway: what was computed is on disk (the sharded form writes its pending rows on the way out)."""
+    cache = form(tmp_path / "cache", ARCH)
 
     class Dies(FakeNet):
         def __call__(self, batch):
@@ -94,8 +102,10 @@ def test_interrupted_run_keeps_what_it_wrote(dataset, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         run(dataset, cache, Dies(), workers=1)
-    assert len(list(cache.dir.rglob("*.npy"))) == 6 and not list(cache.dir.rglob("*.tmp"))
-    _, _, stats, _ = run(dataset, cache, FakeNet())
+    if form is BottleneckCache:
+        assert len(list(cache.dir.rglob("*.npy"))) == 6
+    assert not list(cache.dir.rglob("*.tmp")) and not list(cache.dir.rglob(".*"))
+    _, _, stats, _ = run(dataset, form(tmp_path / "cache", ARCH), FakeNet())  # a new process
     assert stats.cached == 6 and stats.computed == 4
 
 
@@ -105,10 +115,10 @@ def test_cache_keys_cannot_escape_the_cache_dir(tmp_path):
         cache.path("../../etc/passwd")
 
 
-def test_distorted_views_are_cached_per_setting_and_view(dataset, tmp_path):
+def test_distorted_views_are_cached_per_setting_and_view(dataset, tmp_path, form):
     from flowerx.data import Distortion
 
-    cache = BottleneckCache(tmp_path / "cache", ARCH)
+    cache = form(tmp_path / "cache", ARCH)
     plain, *_ = run(dataset, cache, FakeNet())
     flip = Distortion(flip_left_right=True, random_crop=20, random_brightness=30)
     one, ok, stats, built = run(dataset, cache, FakeNet(), view=(flip, 1))
@@ -162,3 +172,72 @@ def test_the_feature_export_is_made_once_per_machine_and_weights(shared, tmp_pat
     third = run_cli(*args)
     assert third.returncode == 0, third.stderr
     assert len(list((tmp_path / "user-cache" / "features").iterdir())) == 2
+
+
+def test_shards_hold_many_rows_each_and_a_new_process_finds_them(dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(bottlenecks, "SHARD_ROWS", 4)
+    cache = ShardedCache(tmp_path / "cache", ARCH)
+    cold, *_ = run(dataset, cache, FakeNet())
+    shards = sorted(p.name for p in cache.dir.iterdir())
+    assert len(shards) == 3 and all(ShardedCache.NAME.fullmatch(n) for n in shards)  # 4 + 4 + the last 2
+    again = ShardedCache(tmp_path / "cache", ARCH)  # another process: only the files on disk
+    warm, ok, stats, built = run(dataset, again, FakeNet())
+    assert stats.cached == 10 and not built and np.array_equal(warm, cold)
+    assert not (tmp_path / "cache" / BottleneckCache(tmp_path / "cache", ARCH).dir.name).exists()
+
+
+def test_a_worker_sees_the_shards_others_wrote_since_it_started(dataset, tmp_path):
+    mine, theirs = ShardedCache(tmp_path / "cache", ARCH), ShardedCache(tmp_path / "cache", ARCH)
+    run(dataset, theirs, FakeNet())
+    net = FakeNet()
+    _, _, stats, _ = run(dataset, mine, net)  # get_bottlenecks refreshes first
+    assert stats.cached == 10 and net.images == 0
+
+
+def test_a_damaged_shard_is_set_aside_and_its_rows_recomputed(dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(bottlenecks, "SHARD_ROWS", 5)
+    good, *_ = run(dataset, ShardedCache(tmp_path / "cache", ARCH), FakeNet())
+    first, second = sorted(ShardedCache(tmp_path / "cache", ARCH).dir.iterdir())
+    with np.load(first) as shard:
+        rows = shard["features"].tobytes()
+    data = bytearray(first.read_bytes())
+    data[data.index(rows) + 5] ^= 0x01  # one flipped bit in the features (the keys read fine): a CRC-32 mismatch
+    first.write_bytes(bytes(data))
+    second.write_bytes(second.read_bytes()[:100])  # truncated
+    warnings: list[str] = []
+    features, ok, stats, _ = run(dataset, ShardedCache(tmp_path / "cache", ARCH), FakeNet(), on_warning=warnings.append)
+    assert ok.all() and stats.computed == 10 and np.array_equal(features, good)
+    assert sum("damaged" in w for w in warnings) == 2
+    names = sorted(p.name for p in first.parent.iterdir())
+    assert {first.name + ".damaged", second.name + ".damaged"} <= set(names)  # kept, not deleted, not read again
+    _, _, stats, _ = run(dataset, ShardedCache(tmp_path / "cache", ARCH), FakeNet())
+    assert stats.cached == 10
+
+
+def test_a_shard_that_would_unpickle_is_refused(dataset, tmp_path):
+    cache = ShardedCache(tmp_path / "cache", ARCH)
+    run(dataset, cache, FakeNet())
+    (shard,) = cache.dir.iterdir()
+    canary = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (canary.write_text, ("unpickled!",))
+
+    with np.load(shard) as data:
+        keys = data["keys"]
+    np.savez(shard, keys=keys, features=np.array([Evil()] * len(keys), dtype=object))
+    _, ok, stats, _ = run(dataset, ShardedCache(tmp_path / "cache", ARCH), FakeNet())
+    assert ok.all() and stats.corrupt == 1 and stats.computed == 10 and not canary.exists()
+
+
+def test_auto_picks_what_the_folder_holds_else_shards_for_many_images(tmp_path, dataset):
+    root = tmp_path / "cache"
+    assert not open_cache(root, ARCH, "w", 10).sharded
+    assert open_cache(root, ARCH, "w", bottlenecks.SHARD_THRESHOLD).sharded
+    run(dataset, open_cache(root, ARCH, "w", 10, "shards"), FakeNet())
+    assert open_cache(root, ARCH, "w", 10).sharded  # the folder holds shards: keep using them
+    run(dataset, open_cache(root, ARCH, "x", 10**6, "files"), FakeNet())
+    assert not open_cache(root, ARCH, "x", 10**6).sharded  # other weights, a files cache there
+    with pytest.raises(Exception, match="unknown cache format"):
+        open_cache(root, ARCH, "w", 10, "zip")
