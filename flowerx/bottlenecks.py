@@ -297,16 +297,29 @@ class _Once:
 
 
 def _look_up(
-    item: ImageItem, cache: BottleneckCache, view: tuple[Distortion, int] | None, limit: int, on_warning: Callable
-) -> tuple[str, object]:
-    """One image, read once: ("cached", vector), ("computed" | "corrupt", (key, decoded image)) or
-    ("failed", reason)."""
+    item: ImageItem,
+    cache: BottleneckCache,
+    view: tuple[Distortion, int] | None,
+    limit: int,
+    on_warning: Callable,
+    known: str | None = None,
+) -> tuple[str, object, str | None]:
+    """One image, read at most once: ("cached", vector, key), ("computed" | "corrupt", decoded image, key) or
+    ("failed", reason, None). known: its key, if a Ray worker already read it (the file is then read only
+    when that entry is missing)."""
+    if known is not None:
+        try:
+            vector = cache.load(known)
+        except ValueError:
+            vector = None  # found again below, and reported
+        if vector is not None:
+            return "cached", vector, known
     try:
         data = read_regular(item.path, limit)  # never a FIFO or device: they would hang or never end
     except RefusedFile as e:
-        return "failed", str(e)
+        return "failed", str(e), None
     except OSError as e:
-        return "failed", f"cannot read file ({e.strerror or e})"
+        return "failed", f"cannot read file ({e.strerror or e})", None
     key, status = BottleneckCache.key(data), "computed"
     if view is not None:
         key = BottleneckCache.key(f"{key}|{view[0].id}|{view[1]}".encode())
@@ -316,13 +329,13 @@ def _look_up(
         vector, status = None, "corrupt"
         on_warning(f"recomputing {item.relpath}: {e}")
     if vector is not None:
-        return "cached", vector
+        return "cached", vector, key
     size = cache.arch.input_size
     try:
         image = prepare_image(data, size) if view is None else view[0].view(data, size, seed=int(key[:15], 16))
     except ImageError as e:
-        return "failed", e.reason
-    return status, (key, image)
+        return "failed", e.reason, None
+    return status, image, key
 
 
 def compute_batch(
@@ -332,19 +345,22 @@ def compute_batch(
     view: tuple[Distortion, int] | None = None,
     limit: int | None = None,
     on_warning: Callable[[str], None] = lambda msg: None,
-) -> list[tuple[str, object]]:
-    """One batch of the pass, per image: ("cached" | "computed" | "corrupt", vector) or ("failed", reason).
-    Reads each file once, loads what is cached, decodes the rest, runs model() on them together and stores
-    the results (also what a Ray worker runs, into the same cache)."""
+    keys: Sequence[str | None] | None = None,
+) -> list[tuple[str, object, str | None]]:
+    """One batch of the pass, per image: ("cached" | "computed" | "corrupt", vector, key) or ("failed",
+    reason, None). Reads each file once, loads what is cached, decodes the rest, runs model() on them together
+    and stores the results (also what a Ray worker runs, into the same cache). keys: the images' keys where
+    known (see _look_up)."""
     limit = limit or max_image_bytes()
-    results = [_look_up(item, cache, view, limit, on_warning) for item in items]
-    todo = [pos for pos, (status, _) in enumerate(results) if status in ("computed", "corrupt")]
+    known = keys if keys is not None else [None] * len(items)
+    results = [_look_up(item, cache, view, limit, on_warning, k) for item, k in zip(items, known)]
+    todo = [pos for pos, (status, _, _) in enumerate(results) if status in ("computed", "corrupt")]
     if todo:
-        out = np.asarray(model()(np.stack([results[pos][1][1] for pos in todo])), cache.dtype)
+        out = np.asarray(model()(np.stack([results[pos][1] for pos in todo])), cache.dtype)
         for pos, vector in zip(todo, out):
-            status, (key, _) = results[pos]
+            status, _, key = results[pos]
             cache.store(key, vector)
-            results[pos] = (status, vector)
+            results[pos] = (status, vector, key)
     return results
 
 
@@ -366,6 +382,7 @@ def get_bottlenecks(
     on_progress: Callable[[int], None] = lambda n: None,
     on_warning: Callable[[str], None] = lambda msg: None,
     view: tuple[Distortion, int] | None = None,
+    keys: Sequence[str | None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, BottleneckStats]:
     """Features for items, from the cache or computed in batches.
 
@@ -377,6 +394,8 @@ def get_bottlenecks(
     hashing, decoding and the model all release the GIL, so every core stays busy. make_model is called
     (once) only if something must be computed; it returns a thread-safe function from a uint8 batch
     [B, S, S, 3] to features [B, D].
+    keys: each item's cache key where already known (a Ray pass read the images): those entries are loaded
+    without reading the images again.
     Returns (features [n, D], ok mask [n], stats); rows of failed images are zero and not ok.
     """
     limit = max_image_bytes()
@@ -386,14 +405,15 @@ def get_bottlenecks(
     model = _Once(make_model)
 
     def process(batch: Sequence[int]) -> list[tuple[str, object]]:
-        return compute_batch([items[i] for i in batch], cache, model, view, limit, on_warning)
+        known = None if keys is None else [keys[i] for i in batch]
+        return compute_batch([items[i] for i in batch], cache, model, view, limit, on_warning, known)
 
     # Ctrl-C or a failure stops the queued batches; what was stored stays stored.
     tasks = chunked(range(len(items)), batch_size)
     cache.refresh(on_warning)
     with _flushed(cache), map_ahead(lambda b: (b, process(b)), tasks, workers) as done:
         for batch, results in done:
-            for i, (status, value) in zip(batch, results):
+            for i, (status, value, _) in zip(batch, results):
                 if status == "failed":
                     stats.failed.append((items[i].relpath, value))
                     on_warning(f"skipping {items[i].relpath}: {value}")

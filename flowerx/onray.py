@@ -58,6 +58,7 @@ class RayPass:
 
     nodes: Counter = field(default_factory=Counter)  # images per Ray node id
     statuses: Counter = field(default_factory=Counter)  # images per compute_batch status: cached, computed, ...
+    keys: list = field(default_factory=list)  # each image's cache key, in the order given (None: it failed)
 
 
 def _pool(ray, requested: int | None):
@@ -78,8 +79,9 @@ def fill_cache(
 ) -> RayPass:
     """Compute the images' missing entries of a bottleneck cache on Ray (`view` as in get_bottlenecks), each
     written atomically by the worker that computed it, into the cache the local pass then reads (so a run
-    killed midway resumes from what was written); returns what the actors did (RayPass). Images that fail
-    are left to the local pass, which reports them. A worker first looks at what the others wrote since it
+    killed midway resumes from what was written); returns what the actors did (RayPass), with each image's
+    key, so the local pass loads the entries without reading the images again. Images that fail are left to
+    the local pass, which reports them. A worker first looks at what the others wrote since it
     started (cache.refresh), so a rerun block computes only what is not written yet. block: images per Ray
     task (the sharded form writes one shard per block: SHARD_ROWS // 4 by default; the files form BATCH)."""
     from .bottlenecks import SHARD_ROWS, ShardedCache, compute_batch, stream_session
@@ -101,12 +103,13 @@ def fill_cache(
         def __call__(self, batch: dict) -> dict:
             self.cache.refresh()
             chosen = [ImageItem(Path(str(p)), str(r), 0) for p, r in zip(batch["path"], batch["relpath"])]
-            status = []
+            status, keys = [], []
             for part in chunked(range(len(chosen)), BATCH):
-                results = compute_batch([chosen[i] for i in part], self.cache, lambda: self.model, view)
-                status += [s for s, _ in results]
+                for s, _, key in compute_batch([chosen[i] for i in part], self.cache, lambda: self.model, view):
+                    status.append(s)
+                    keys.append(key or "")
             self.cache.flush()
-            return {"status": status, "node": [self.node] * len(status)}
+            return {"status": status, "key": keys, "node": [self.node] * len(status)}
 
     rows = [{"path": str(item.path), "relpath": item.relpath} for item in items]
     with ray_session(address) as ray:
@@ -116,6 +119,7 @@ def fill_cache(
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             done.nodes.update(str(n) for n in batch["node"])
             done.statuses.update(str(s) for s in batch["status"])
+            done.keys.extend(str(k) or None for k in batch["key"])
             on_progress(len(batch["node"]))
         return done
 

@@ -422,8 +422,17 @@ class _Networks:
         return self._fn
 
 
-def _pass(events: Events, title: str, items, cache: BottleneckCache, make_model: Callable, batch_size: int, view=None):
-    """One bottleneck pass, reporting progress and warnings."""
+def _pass(
+    events: Events,
+    title: str,
+    items,
+    cache: BottleneckCache,
+    make_model: Callable,
+    batch_size: int,
+    view=None,
+    keys: list | None = None,
+):
+    """One bottleneck pass, reporting progress and warnings (keys: as get_bottlenecks takes them)."""
     done = [0]
 
     def advance(n: int) -> None:
@@ -432,7 +441,7 @@ def _pass(events: Events, title: str, items, cache: BottleneckCache, make_model:
 
     events.progress(title, 0, len(items), "img")
     return get_bottlenecks(
-        items, cache, make_model, batch_size, on_progress=advance, view=view, on_warning=events.warning
+        items, cache, make_model, batch_size, on_progress=advance, view=view, on_warning=events.warning, keys=keys
     )
 
 
@@ -534,10 +543,11 @@ def _prepare(cfg: TrainConfig, events: Events) -> _Job:
     return _Job(cfg, events, arch, dataset, cache, networks)
 
 
-def _on_ray(job: _Job, title: str, items: Sequence[ImageItem], view=None) -> None:
-    """With --ray: the pass's missing cache entries computed on Ray first (the local pass then reads them)."""
+def _on_ray(job: _Job, title: str, items: Sequence[ImageItem], view=None) -> list | None:
+    """With --ray: the pass's missing cache entries computed on Ray first; returns the images' keys, with which
+    the local pass then loads the entries without reading the images again (None without --ray)."""
     if not job.cfg.ray:
-        return
+        return None
     from .onray import fill_cache
 
     done = [0]
@@ -547,15 +557,25 @@ def _on_ray(job: _Job, title: str, items: Sequence[ImageItem], view=None) -> Non
         job.events.progress(f"{title} on Ray", done[0], len(items), "img")
 
     address = None if job.cfg.ray == "local" else job.cfg.ray
-    fill_cache(items, job.cache, job.networks.features_onnx(), view, address, on_progress=advance)
+    t = time.perf_counter()
+    done = fill_cache(items, job.cache, job.networks.features_onnx(), view, address, on_progress=advance)
+    statuses = ", ".join(f"{n} {status}" for status, n in sorted(done.statuses.items()))
+    job.events.detail(f"{title} on Ray: {statuses} on {len(done.nodes)} node(s) ({time.perf_counter() - t:.1f} s)")
+    return done.keys
 
 
 def _bottlenecks(job: _Job) -> tuple[np.ndarray, np.ndarray, BottleneckStats]:
     """Every image's bottleneck: cached where possible, computed in batches otherwise."""
     t = time.perf_counter()
-    _on_ray(job, "Bottlenecks", job.dataset.items)
+    keys = _on_ray(job, "Bottlenecks", job.dataset.items)
     features, ok, stats = _pass(
-        job.events, "Bottlenecks", job.dataset.items, job.cache, job.networks.batch_fn, job.cfg.bottleneck_batch_size
+        job.events,
+        "Bottlenecks",
+        job.dataset.items,
+        job.cache,
+        job.networks.batch_fn,
+        job.cfg.bottleneck_batch_size,
+        keys=keys,
     )
     job.events.info(
         f"Bottlenecks: {stats.cached} cached, {stats.computed} computed"
@@ -616,7 +636,7 @@ def _with_views(
     train = splits["train"]
     rows, ys, train_rows, computed = [features], [labels], [train], 0
     for k in range(1, cfg.distorted_views + 1):
-        _on_ray(job, f"Views {k}/{cfg.distorted_views}", [items[i] for i in train], (cfg.distortion, k))
+        keys = _on_ray(job, f"Views {k}/{cfg.distorted_views}", [items[i] for i in train], (cfg.distortion, k))
         view, ok, stats = _pass(
             job.events,
             f"Views {k}/{cfg.distorted_views}",
@@ -625,6 +645,7 @@ def _with_views(
             job.networks.batch_fn,
             cfg.bottleneck_batch_size,
             view=(cfg.distortion, k),
+            keys=keys,
         )
         train_rows.append(sum(map(len, rows)) + np.arange(ok.sum()))
         rows.append(view[ok])

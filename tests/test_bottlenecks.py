@@ -241,3 +241,17 @@ def test_auto_picks_what_the_folder_holds_else_shards_for_many_images(tmp_path, 
     assert not open_cache(root, ARCH, "x", 10**6).sharded  # other weights, a files cache there
     with pytest.raises(Exception, match="unknown cache format"):
         open_cache(root, ARCH, "w", 10, "zip")
+
+
+def test_known_keys_load_entries_without_reading_the_images(dataset, tmp_path, form):
+    """After a Ray pass the driver knows each image's key: it loads the entries and reads no image again."""
+    cache = form(tmp_path / "cache", ARCH)
+    cold, *_ = run(dataset, cache, FakeNet())
+    keys = [BottleneckCache.key(item.path.read_bytes()) for item in dataset.items]
+    for item in dataset.items[:8]:
+        item.path.write_bytes(b"unreadable now")  # only a read of the file would notice
+    keys[9] = None  # not known: read and looked up as usual
+    features, ok, stats, built = run(dataset, form(tmp_path / "cache", ARCH), FakeNet(), keys=keys)
+    assert ok.all() and stats.cached == 10 and not built and np.array_equal(features, cold)
+    _, ok, stats, _ = run(dataset, form(tmp_path / "cache", ARCH), FakeNet())
+    assert ok.sum() == 2 and len(stats.failed) == 8  # without the keys the files are read

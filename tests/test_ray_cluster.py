@@ -105,6 +105,7 @@ def test_two_nodes_share_the_pass_and_a_node_killed_midway_loses_nothing(setup, 
     killer.join(5)
     assert killed, "the pass ended before the node could be killed"
     assert sum(done.statuses.values()) == 160 and done.statuses["cached"] >= 80  # the first run's 80 skipped
+    assert len(done.keys) == 160 and None not in done.keys  # each image's key, in order, for the driver
     assert all((cache.dir / n).stat().st_ino == ino for n, ino in killed.items())  # no written shard redone
     rows = [np.load(p)["keys"] for p in cache.dir.glob("shard-*.npz")]
     assert sum(map(len, rows)) == 160 == len({k.tobytes() for r in rows for k in r})  # each image once
