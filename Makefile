@@ -71,4 +71,11 @@ serve-bench: $(BIN)/.installed
 	$(BIN)/python -m benchmarks.serve --graph runs/mobilenet_1.0_224/model.onnx --image-dir $(SHARED)/flower_photos \
 		--soak-graph runs/mobilenet_0.25_224/model.onnx --json $(RESULTS)/serve.json
 
-.PHONY: install clients demo test bench accuracy conformance serve-bench
+# Ray against the same work without it: the bottleneck pass, batch classification, a two-node cluster with a
+# node killed (about 10 minutes; keep the machine quiet).
+scale-bench: $(BIN)/.installed
+	test -f runs/mobilenet_0.25_224/model.onnx || $(MAKE) demo ARCH=mobilenet_0.25_224
+	$(BIN)/python -m benchmarks.scale --shared $(SHARED) --classify-graph runs/mobilenet_0.25_224/model.onnx \
+		--json $(RESULTS)/scale.json
+
+.PHONY: install clients demo test bench accuracy conformance serve-bench scale-bench

@@ -109,6 +109,62 @@ def train_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def scale_tables(report: dict) -> str:
+    """The pass locally and on Ray, batch classification, the two-node run and the projection."""
+    train, classify, two, plan = report["train"], report["classify"], report["two_nodes"], report["projection"]
+    lines = [
+        f"Bottleneck pass, mobilenet_1.0_224, {train['entries']} photos, `flowerx train` (pass = `bottlenecks_s`):",
+        "",
+        "| run | pass (s) | of which starting and stopping Ray (s) | images/s | x local | x local, once Ray "
+        "runs (target >= 0.8) | features max diff | probabilities max diff | test acc % |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    names = {"local": "local (files)", "ray": "`--ray` (files)", "ray_shards": "`--ray --cache-format shards`"}
+    for mode, name in names.items():
+        r = train[mode]
+        lines.append(
+            f"| {name} | {r['bottlenecks_s']:.1f} | {r['ray_fixed_s']:.1f} | {r['images_per_s']:.0f} | "
+            f"{r.get('vs_local', 1):.2f} | {r.get('vs_local_on_ray', 1):.2f} | "
+            f"{r.get('features_max_diff', 0):.1e} | {r.get('probs_max_diff', 0):.1e} | {r['test_accuracy']:.1f} |"
+        )
+    counts = sorted({int(k.rsplit("_", 1)[1]) for k in classify if k.startswith("local_")})
+    lines += [
+        "",
+        f"`classify --output` ({classify['graph']}), the photos listed again and again:",
+        "",
+        "| images | local images/s | `--ray` images/s | local driver peak MB | `--ray` driver peak MB | "
+        "outputs identical |",
+        "|---:|---:|---:|---:|---:|---|",
+    ]
+    for n in counts:
+        a, b = classify[f"local_{n}"], classify[f"ray_{n}"]
+        lines.append(
+            f"| {n:,} | {a['images_per_s']:.0f} | {b['images_per_s']:.0f} | {a['peak_mb']:.0f} | {b['peak_mb']:.0f} | "
+            f"{'yes' if classify[f'identical_{n}'] else '**no**'} |"
+        )
+    lines += [
+        "",
+        f"Two nodes of one CPU each (Ray's test cluster), the pass into a sharded cache in blocks of 256, the "
+        f"second node killed at {two['killed_at_s']:.1f} s, after {two['shards_before_kill']} of "
+        f"{two['blocks']} shards were written: the pass completed in {two['seconds']:.1f} s, "
+        f"{two['statuses'].get('computed', 0)} images computed and {two['statuses'].get('cached', 0)} found "
+        f"in the cache (blocks the killed node had written whose results Ray lost with it, rerun on the head "
+        f"node); images per node as the driver received them {' / '.join(map(str, two['nodes']))}; shards "
+        f"written before the kill and written again: {two['rewritten']}; features against the local pass: max "
+        f"diff {two['features_max_diff']:.1e}.",
+        "",
+        f"Projection (per core {plan['per_core_images_per_s']:.0f} images/s as measured on Ray here; nodes of "
+        f"{plan['cores_per_node']} cores):",
+        "",
+        "| nodes | images/s | minutes per million images | storage reads (MB/s) |",
+        "|---:|---:|---:|---:|",
+    ]
+    for nodes, row in plan["nodes"].items():
+        rate, storage = row["images_per_s"], row["storage_mb_per_s"]
+        lines.append(f"| {nodes} | {rate:,.0f} | {row['hours_per_million'] * 60:.1f} | {storage:,.0f} |")
+    return "\n".join(lines)
+
+
 def machine_line(report: dict) -> str:
     m = report["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
@@ -126,6 +182,9 @@ def main() -> None:
         text = text.replace("{{inference_full}}", inference_table(full))
     if train:
         text = text.replace("{{train_speed}}", train_table(train))
+    scale = _load("scale.json")
+    if scale:
+        text = text.replace("{{scale}}", scale_tables(scale))
     (HERE / "README.md").write_text(text)
     print(f"wrote {HERE / 'README.md'}")
 

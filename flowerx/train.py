@@ -560,7 +560,11 @@ def _on_ray(job: _Job, title: str, items: Sequence[ImageItem], view=None) -> lis
     t = time.perf_counter()
     done = fill_cache(items, job.cache, job.networks.features_onnx(), view, address, on_progress=advance)
     statuses = ", ".join(f"{n} {status}" for status, n in sorted(done.statuses.items()))
-    job.events.detail(f"{title} on Ray: {statuses} on {len(done.nodes)} node(s) ({time.perf_counter() - t:.1f} s)")
+    job.timings["ray_fixed_s"] = job.timings.get("ray_fixed_s", 0.0) + done.start_s + done.stop_s
+    job.events.detail(
+        f"{title} on Ray: {statuses} on {len(done.nodes)} node(s) ({time.perf_counter() - t:.1f} s, of which "
+        f"{done.start_s + done.stop_s:.1f} s starting and stopping Ray)"
+    )
     return done.keys
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -17,7 +18,9 @@ from PIL import Image
 SHARED_ENV = "FLOWERX_SHARED"
 # flowerx's per-user cache (the feature networks' ONNX exports) in a folder of this test session, inherited by
 # every `flowerx` process the tests start: no test reads or fills the user's own ~/.cache/flowerx.
-os.environ.setdefault("FLOWERX_CACHE_DIR", tempfile.mkdtemp(prefix="flowerx-test-cache-"))
+if "FLOWERX_CACHE_DIR" not in os.environ:
+    os.environ["FLOWERX_CACHE_DIR"] = tempfile.mkdtemp(prefix="flowerx-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["FLOWERX_CACHE_DIR"], True)  # ours: made just above
 DAISY = "flower_photos/daisy/21652746_cc379e0eea_m.jpg"
 NEEDED = (
     "flower_photos/LICENSE.txt",

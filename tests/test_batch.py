@@ -92,13 +92,21 @@ def test_storage_uris_give_the_rows_their_files_give(folder, tmp_path):
 def test_ray_gives_the_same_rows(folder, tmp_path):
     pytest.importorskip("ray")
     local, on_ray = tmp_path / "local.parquet", tmp_path / "ray.parquet"
+    import ray
+
     classify_to_file(folder["model"], folder["paths"], local, top_k=3)
-    result = classify_to_file(folder["model"], folder["paths"], on_ray, top_k=3, ray=True, actors=2)
-    assert (result.images, result.failed) == (41, 1)
-    assert read_rows(on_ray) == read_rows(local)
-    uris = [p.as_uri() for p in folder["paths"]]  # the workers read the URIs themselves
-    classify_to_file(folder["model"], uris, on_ray, top_k=3, ray=True, actors=2)
-    assert [{**r, "path": ""} for r in read_rows(on_ray)] == [{**r, "path": ""} for r in read_rows(local)]
+    ray.init(logging_level="ERROR", include_dashboard=False)  # one instance for every run below
+    try:
+        for kind in (".parquet", ".jsonl", ".csv"):  # each format, its error row included
+            on_ray = tmp_path / f"ray{kind}"
+            result = classify_to_file(folder["model"], folder["paths"], on_ray, top_k=3, ray=True, actors=2)
+            assert (result.images, result.failed) == (41, 1)
+            assert read_rows(on_ray) == read_rows(local)
+        uris = [p.as_uri() for p in folder["paths"]]  # the workers read the URIs themselves
+        classify_to_file(folder["model"], uris, on_ray, top_k=3, ray=True, actors=2)
+        assert [{**r, "path": ""} for r in read_rows(on_ray)] == [{**r, "path": ""} for r in read_rows(local)]
+    finally:
+        ray.shutdown()
 
 
 @pytest.mark.slow
@@ -112,19 +120,22 @@ def test_train_with_ray_fills_the_same_cache_and_gives_the_same_model(shared, tm
     from flowerx.predictor import Predictor
 
     data = subset(shared, tmp_path / "data", 8)
+    (data / "daisy" / "broken.jpg").write_bytes(b"not a photo")  # skipped with the same warning either way
     local, on_ray = tmp_path / "local", tmp_path / "ray"
     first = run_cli(*small_train_args(shared, data, local, steps="50"), timeout=300)
     ray_args = ("--ray", "--cache-format", "shards")
     second = run_cli(*small_train_args(shared, data, on_ray, steps="50"), *ray_args, timeout=300)
     assert first.returncode == 0 and second.returncode == 0, second.stderr
-    assert "Bottlenecks: 0 cached, 24 computed" in first.stdout
-    assert "Bottlenecks: 24 cached, 0 computed" in second.stdout  # Ray computed them; the local pass read them
+    assert "Bottlenecks: 0 cached, 24 computed, 1 images skipped" in first.stdout
+    assert "Bottlenecks: 24 cached, 0 computed, 1 images skipped" in second.stdout  # Ray computed, the driver read
+    warning = "skipping daisy/broken.jpg: not an image (unrecognised format)"
+    assert warning in first.stdout and warning in second.stdout
     entries = {p.stem: np.load(p) for p in (local / "bn").rglob("*.npy")}
     (shard,) = (on_ray / "bn").rglob("shard-*.npz")
     with np.load(shard) as rows:
         ray_entries = {key.tobytes().hex(): vector for key, vector in zip(rows["keys"], rows["features"])}
     assert entries.keys() == ray_entries.keys() and len(entries) == 24
     assert max(float(np.abs(entries[k] - ray_entries[k]).max()) for k in entries) < 1e-6
-    photos = sorted(data.rglob("*.jpg"))[:6]
+    photos = [p for p in sorted(data.rglob("*.jpg")) if p.name != "broken.jpg"][:6]
     a, b = Predictor(local / "model.onnx"), Predictor(on_ray / "model.onnx")
     assert np.abs(a.probabilities(photos) - b.probabilities(photos)).max() < 1e-6
