@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import FlowerxError
-from .fileio import download, file_hash
+from .fileio import download, file_hash, user_cache_dir
 
 MOBILENET_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet/"
 INCEPTION_URL = "https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/"
@@ -105,13 +105,6 @@ def weights_fingerprint(path: Path) -> str:
 
 
 FEATURE_EXPORT_VERSION = "v1"  # bump when the feature network's ONNX export changes (converter, opset, inputs)
-
-
-def user_cache_dir() -> Path:
-    """flowerx's per-user cache: $FLOWERX_CACHE_DIR, else $XDG_CACHE_HOME/flowerx, else ~/.cache/flowerx."""
-    if os.environ.get("FLOWERX_CACHE_DIR"):
-        return Path(os.environ["FLOWERX_CACHE_DIR"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "flowerx"
 
 
 def feature_export_path(arch: Architecture, weights_id: str) -> Path:

@@ -17,17 +17,13 @@ import time
 import warnings
 from dataclasses import fields
 from pathlib import Path
-
-from rich import box
-from rich.console import Console
-from rich.filesize import decimal
-from rich.markup import escape
-from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING
 
 from .errors import FlowerxError, ImageError
 from .events import printable
+
+if TYPE_CHECKING:  # rich is imported when first needed: `flowerx classify one.jpg` prints plain lines
+    from rich.table import Table
 
 DESCRIPTION = (
     "Teach an ImageNet network new image classes in minutes: train a new last layer on your folders "
@@ -39,50 +35,89 @@ EPILOG = (
 )
 TRAIN_MODULES = ("tensorflow", "keras", "tf2onnx", "onnx")  # what the [train] extra installs
 
-# Piped output gets wide tables rather than rich's 80-column default.
-out = Console(
-    highlight=False,
-    soft_wrap=True,
-    emoji=False,
-    width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200,
-)
-err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
+
+class _Console:
+    """A rich Console made on first use (importing rich costs about 35 ms, a tenth of a one-image classify).
+    Piped output gets wide tables rather than rich's 80-column default."""
+
+    def __init__(self, stderr: bool = False):
+        self.stderr, self._console = stderr, None
+
+    @property
+    def made(self) -> bool:
+        return self._console is not None
+
+    def rich(self):
+        """The rich Console itself (made now if it was not)."""
+        if self._console is None:
+            from rich.console import Console
+
+            stream = sys.stderr if self.stderr else sys.stdout
+            width = None if self.stderr or stream.isatty() or os.environ.get("COLUMNS") else 200
+            self._console = Console(stderr=self.stderr, highlight=False, soft_wrap=True, emoji=False, width=width)
+        return self._console
+
+    def __getattr__(self, name: str):
+        return getattr(self.rich(), name)
 
 
-def say(console: Console, text: object, style: str = "") -> None:
+out = _Console()
+err = _Console(stderr=True)
+
+
+def say(console, text: object, style: str = "") -> None:
+    """One line of text from users or models, escaped (printable): unstyled lines before any rich output
+    are written as they are (the same characters rich would write, rich not loaded)."""
+    if not style and isinstance(console, _Console) and not console.made:
+        stream = sys.stderr if console.stderr else sys.stdout
+        stream.write(printable(text) + "\n")
+        stream.flush()
+        return
+    from rich.text import Text
+
     console.print(Text(printable(text), style=style))
 
 
-def warn(console: Console, text: object) -> None:
+def warn(console, text: object) -> None:
+    from rich.text import Text
+
     console.print(Text.assemble(("warning:", "yellow"), " ", printable(text)))
 
 
-class _Amount(ProgressColumn):
-    """done/total and the rate since the task's work began (images or bytes); nothing for a plain step."""
+def _amount_column():
+    """The progress column: done/total and the rate since the task's work began (images or bytes); nothing
+    for a plain step."""
+    from rich.filesize import decimal
+    from rich.progress import ProgressColumn
+    from rich.text import Text
 
-    def render(self, task) -> Text:
-        unit = task.fields.get("unit", "")
-        if not unit:
-            return Text("")
-        show = decimal if unit == "B" else str
-        amount = f"{show(int(task.completed))}/{show(int(task.total))}" if task.total else show(int(task.completed))
-        elapsed = time.monotonic() - task.fields["t0"]
-        done = task.completed - task.fields["n0"]
-        rate = (
-            ""
-            if elapsed <= 0 or done <= 0
-            else (f" {decimal(int(done / elapsed))}/s" if unit == "B" else f" {done / elapsed:.0f} {unit}/s")
-        )
-        return Text(amount + rate)
+    class Amount(ProgressColumn):
+        def render(self, task) -> Text:
+            unit = task.fields.get("unit", "")
+            if not unit:
+                return Text("")
+            show = decimal if unit == "B" else str
+            total = task.total
+            amount = f"{show(int(task.completed))}/{show(int(total))}" if total else show(int(task.completed))
+            elapsed = time.monotonic() - task.fields["t0"]
+            done = task.completed - task.fields["n0"]
+            rate = (
+                ""
+                if elapsed <= 0 or done <= 0
+                else (f" {decimal(int(done / elapsed))}/s" if unit == "B" else f" {done / elapsed:.0f} {unit}/s")
+            )
+            return Text(amount + rate)
+
+    return Amount()
 
 
 class Reporter:
     """Prints the core's events (flowerx.events.Events): messages as plain lines, progress as bars.
     verbosity -1 (-q): warnings only; 0: info and step lines, bars; 1 (-v): details too."""
 
-    def __init__(self, verbosity: int = 0, console: Console = out, transient: bool = False):
+    def __init__(self, verbosity: int = 0, console=out, transient: bool = False):
         self.verbosity, self.console, self.transient = verbosity, console, transient
-        self._bars: Progress | None = None
+        self._bars = None  # a rich Progress while bars are shown
         self._tasks: dict[str, int] = {}
         self._lock = threading.RLock()
 
@@ -103,17 +138,21 @@ class Reporter:
             return
         with self._lock:
             if self._bars is None:
+                from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
                 self._bars = Progress(
                     TextColumn("[bold]{task.description}"),
                     BarColumn(),
-                    _Amount(),
+                    _amount_column(),
                     TimeRemainingColumn(),
-                    console=self.console,
+                    console=self.console.rich() if isinstance(self.console, _Console) else self.console,
                     transient=self.transient,
                 )
                 self._bars.start()
                 self._tasks = {}
             if task not in self._tasks:
+                from rich.markup import escape
+
                 self._tasks[task] = self._bars.add_task(
                     escape(printable(task)), total=total, unit=unit, t0=time.monotonic(), n0=done
                 )
@@ -554,6 +593,10 @@ def _classify_to_file(args: argparse.Namespace, paths: list[Path]) -> int:
 
 
 def _table(title: str, columns: list[str], left: tuple[str, ...] = ("label",)) -> Table:
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(title=Text(printable(title)), box=box.SIMPLE_HEAD)
     for column in columns:
         table.add_column(Text(printable(column)), justify="left" if column in left else "right", overflow="fold")
@@ -561,6 +604,8 @@ def _table(title: str, columns: list[str], left: tuple[str, ...] = ("label",)) -
 
 
 def _row(table: Table, *cells: object) -> None:
+    from rich.text import Text
+
     table.add_row(*(Text(printable(c)) for c in cells))
 
 

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import FlowerxError, ImageError
 from .fileio import RefusedFile, download, extract_tar, read_regular
@@ -344,7 +344,11 @@ def _to_srgb(image: Image.Image, icc: bytes) -> Image.Image:
     if image.mode not in ("RGB", "RGBA", "CMYK"):
         return image
     transform = _srgb_transform(icc, image.mode)
-    return image if transform is None else ImageCms.applyTransform(image, transform)
+    if transform is None:
+        return image
+    from PIL import ImageCms  # only for photos with a profile that is not sRGB: most have none
+
+    return ImageCms.applyTransform(image, transform)
 
 
 def _srgb_transform(icc: bytes, mode: str):
@@ -353,6 +357,8 @@ def _srgb_transform(icc: bytes, mode: str):
     the transform moves no colour of a probe grid by more than one level. A name is no proof: 14 flower
     photos carry an "sRGB Profile" whose conversion moves pixels by 1.6 levels on average, as Chromium,
     sharp and Pillow's own ImageCms do."""
+    from PIL import ImageCms
+
     key = (hashlib.sha1(icc).digest(), mode)
     with _TRANSFORMS_LOCK:
         if key not in _TRANSFORMS:
@@ -376,6 +382,8 @@ _PROBE = Image.fromarray(  # every combination of 16 levels per channel (0, 17, 
 
 
 def _moves_at_most_one_level(transform) -> bool:
+    from PIL import ImageCms
+
     converted = np.asarray(ImageCms.applyTransform(_PROBE, transform), dtype=np.int16)
     return int(np.abs(converted - np.asarray(_PROBE, dtype=np.int16)).max()) <= 1
 

@@ -68,6 +68,13 @@ def check_regular(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
+def user_cache_dir() -> Path:
+    """flowerx's per-user cache: $FLOWERX_CACHE_DIR, else $XDG_CACHE_HOME/flowerx, else ~/.cache/flowerx."""
+    if os.environ.get("FLOWERX_CACHE_DIR"):
+        return Path(os.environ["FLOWERX_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "flowerx"
+
+
 def atomic_write(path: str | os.PathLike, data: bytes, durable: bool = True) -> None:
     """Write data to path via a temporary file in the same folder, then rename over path.
 

@@ -150,3 +150,33 @@ def test_contract_2_labels_output_must_match_metadata_and_newer_contracts_are_re
     assert renamed.labels == ["rot", "grün", "blau"]
     with pytest.raises(FlowerxError, match="follows flowerx model contract '3'"):
         Predictor(_contract_2(tmp_path, version="3"))
+
+
+def test_the_optimised_session_is_cached_once_and_follows_the_model(tmp_path, monkeypatch):
+    """Issue 14: the first load keeps onnxruntime's optimised graph in the user cache; later loads read it
+    (no optimisation redone); a rewritten model gets its own entry; a damaged entry or an unwritable cache
+    only costs the optimisation."""
+    from flowerx import predictor as predictor_module
+
+    monkeypatch.setenv("FLOWERX_CACHE_DIR", str(tmp_path / "cache"))
+    model = write_tiny_model(tmp_path / "tiny.onnx")
+    image = solid(tmp_path / "red.png", (200, 10, 10))
+    first = Predictor(model).probabilities([image])
+    entry = predictor_module.session_cache_path(model)
+    assert [p.name for p in (tmp_path / "cache" / "sessions").iterdir()] == [entry.name]  # no temp file left
+    loads = []
+    real = predictor_module.ort.InferenceSession
+    monkeypatch.setattr(
+        predictor_module.ort, "InferenceSession", lambda src, *a, **k: loads.append(src) or real(src, *a, **k)
+    )
+    assert np.array_equal(Predictor(model).probabilities([image]), first) and loads == [str(entry)]
+    write_tiny_model(tmp_path / "new.onnx", labels=("a", "b", "c")).replace(model)  # rewritten, as flowerx writes
+    assert Predictor(model).labels == ["a", "b", "c"] and predictor_module.session_cache_path(model) != entry
+    assert len(list((tmp_path / "cache" / "sessions").iterdir())) == 2
+    entry = predictor_module.session_cache_path(model)
+    entry.write_bytes(b"damaged")
+    loads.clear()
+    assert Predictor(model).labels == ["a", "b", "c"] and loads == [str(entry), str(model)]  # tried, then rebuilt
+    assert entry.read_bytes() != b"damaged"
+    monkeypatch.setenv("FLOWERX_CACHE_DIR", str(image))  # a file: nothing can be made under it
+    assert Predictor(model).labels == ["a", "b", "c"]

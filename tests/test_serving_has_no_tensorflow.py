@@ -41,3 +41,19 @@ def test_classify_and_evaluate_import_no_training_stack(tmp_path):
     )
     assert "HEAVY [] CODE 0" in result.stdout, result.stdout + result.stderr
     assert (tmp_path / "site" / "index.html").is_file()
+
+
+LEAN = """
+import sys
+from flowerx.cli import main
+code = main(["classify", sys.argv[1], "--graph", sys.argv[2]])
+unused = ("rich", "tarfile", "urllib.request", "pyarrow", "ray", "PIL.ImageCms", "starlette", "tensorflow")
+print("UNUSED", sorted(m for m in unused if m in sys.modules), "CODE", code)
+"""
+
+
+def test_classifying_one_image_imports_only_what_it_uses(tmp_path):
+    """Issue 14: `flowerx classify one.jpg` pays for no download, archive, table or progress-bar code."""
+    model, image = write_tiny_model(tmp_path / "m.onnx"), solid(tmp_path / "red.png", (250, 0, 0))
+    result = subprocess.run([sys.executable, "-c", LEAN, str(image), str(model)], capture_output=True, text=True)
+    assert result.stdout.startswith("red ") and "UNUSED [] CODE 0" in result.stdout, result.stdout + result.stderr
