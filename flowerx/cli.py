@@ -254,7 +254,10 @@ def _add_model_flags(p) -> None:
     p.add_argument("--labels", help="labels file, for an ONNX model without flowerx metadata")
     p.add_argument("--input-size", type=int, help="input side S, for an ONNX model without flowerx metadata")
     p.add_argument(
-        "--providers", default="auto", choices=["auto", "cpu", "cuda"], help="execution provider (default: auto)"
+        "--providers",
+        default="auto",
+        choices=["auto", "cpu", "cuda", "openvino", "openvino-bf16"],
+        help="execution provider (default: auto: CUDA, else OpenVINO, where installed, else the CPU)",
     )
 
 

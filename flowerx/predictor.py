@@ -25,7 +25,15 @@ from .errors import FlowerxError
 from .fileio import RefusedFile, check_regular, read_regular, user_cache_dir
 
 log = logging.getLogger("flowerx")
-PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+OPENVINO = "OpenVINOExecutionProvider"
+_BF16 = json.dumps({"CPU": {"INFERENCE_PRECISION_HINT": "bf16"}})  # the `precision` option "BF16" falls back to CPU
+PROVIDERS: dict[str, list] = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "openvino": [(OPENVINO, {"device_type": "CPU"}), "CPUExecutionProvider"],
+    # reduced precision, opt-in: bf16 where the CPU has it (AMX, AVX512-BF16); measure its accuracy first
+    "openvino-bf16": [(OPENVINO, {"device_type": "CPU", "load_config": _BF16}), "CPUExecutionProvider"],
+}
 MAX_LABELS_FILE = 16 << 20
 SESSIONS_KEPT = 16  # optimised sessions kept in the user cache; the least recently written go first
 
@@ -159,7 +167,8 @@ class Predictor:
     >>> p.predict("daisy.jpg", top_k=1)
     [Prediction(label='daisy', score=0.995..., index=0)]
 
-    providers: "auto" (CUDA when onnxruntime-gpu and a GPU are present, else CPU), "cpu" or "cuda".
+    providers: "auto" (CUDA when onnxruntime-gpu and a GPU are present, else OpenVINO when onnxruntime-openvino
+    is installed, else the CPU), "cpu", "cuda", "openvino" or "openvino-bf16" (reduced precision: opt-in).
     labels / input_size: only for ONNX models without flowerx metadata.
     max_image_bytes: image files larger than this are refused unread (default: 64 MiB or FLOWERX_MAX_IMAGE_MB).
     Images: a path (str or os.PathLike, ~ expanded), bytes-like, a PIL image (never modified) or a uint8 array.
@@ -180,8 +189,10 @@ class Predictor:
         if not isinstance(path, (str, os.PathLike)):
             raise FlowerxError(f"the model must be a path (str or os.PathLike), not {type(path).__name__}")
         self.path = check_regular(Path(path).expanduser(), "model file")  # a FIFO or device would hang the load
-        if providers not in ("auto", "cpu", "cuda"):
-            raise FlowerxError(f"providers must be 'auto', 'cpu' or 'cuda', not {providers!r}")
+        if providers != "auto" and providers not in PROVIDERS:
+            raise FlowerxError(
+                f"providers must be 'auto' or one of {', '.join(map(repr, PROVIDERS))}, not {providers!r}"
+            )
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
             raise FlowerxError(f"threads must be a whole number >= 0 (0: onnxruntime's default), got {threads!r}")
         if max_image_bytes is not None and not (isinstance(max_image_bytes, int) and max_image_bytes > 0):
@@ -192,13 +203,22 @@ class Predictor:
             raise FlowerxError(
                 "providers='cuda' needs onnxruntime-gpu in place of onnxruntime, and a GPU (README: On a GPU)"
             )
-        wanted = PROVIDERS["cuda"] if providers != "cpu" and "CUDAExecutionProvider" in available else PROVIDERS["cpu"]
+        if providers.startswith("openvino") and OPENVINO not in available:
+            raise FlowerxError(
+                f"providers={providers!r} needs onnxruntime-openvino in place of onnxruntime (README: On a GPU)"
+            )
+        chosen = providers
+        if providers == "auto":  # CUDA, else OpenVINO (fp32), else the CPU: what is installed
+            chosen = "cuda" if "CUDAExecutionProvider" in available else "openvino" if OPENVINO in available else "cpu"
+        wanted = PROVIDERS[chosen]
         try:
             self.session = _load_session(self.path, threads, wanted)
         except Exception as e:  # onnxruntime raises its own types for bad files
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise FlowerxError(f"{self.path}: not a valid ONNX model ({first[:200]})") from None
         self.provider = self.session.get_providers()[0]
+        if self.provider == OPENVINO and chosen == "openvino-bf16":
+            self.provider += " (bf16)"  # the precision is part of what ran
         if providers == "cuda" and self.provider != "CUDAExecutionProvider":
             raise FlowerxError("CUDA was asked for but onnxruntime could not start it (no GPU or CUDA libraries?)")
         log.info("flowerx: running %s on %s", self.path.name, self.provider)

@@ -161,7 +161,7 @@ def test_the_optimised_session_is_cached_once_and_follows_the_model(tmp_path, mo
     monkeypatch.setenv("FLOWERX_CACHE_DIR", str(tmp_path / "cache"))
     model = write_tiny_model(tmp_path / "tiny.onnx")
     image = solid(tmp_path / "red.png", (200, 10, 10))
-    first = Predictor(model).probabilities([image])
+    first = Predictor(model, providers="cpu").probabilities([image])
     entry = predictor_module.session_cache_path(model)
     assert [p.name for p in (tmp_path / "cache" / "sessions").iterdir()] == [entry.name]  # no temp file left
     loads = []
@@ -169,14 +169,51 @@ def test_the_optimised_session_is_cached_once_and_follows_the_model(tmp_path, mo
     monkeypatch.setattr(
         predictor_module.ort, "InferenceSession", lambda src, *a, **k: loads.append(src) or real(src, *a, **k)
     )
-    assert np.array_equal(Predictor(model).probabilities([image]), first) and loads == [str(entry)]
+    assert np.array_equal(Predictor(model, providers="cpu").probabilities([image]), first) and loads == [str(entry)]
     write_tiny_model(tmp_path / "new.onnx", labels=("a", "b", "c")).replace(model)  # rewritten, as flowerx writes
-    assert Predictor(model).labels == ["a", "b", "c"] and predictor_module.session_cache_path(model) != entry
+    assert (
+        Predictor(model, providers="cpu").labels == ["a", "b", "c"]
+        and predictor_module.session_cache_path(model) != entry
+    )
     assert len(list((tmp_path / "cache" / "sessions").iterdir())) == 2
     entry = predictor_module.session_cache_path(model)
     entry.write_bytes(b"damaged")
     loads.clear()
-    assert Predictor(model).labels == ["a", "b", "c"] and loads == [str(entry), str(model)]  # tried, then rebuilt
+    assert Predictor(model, providers="cpu").labels == ["a", "b", "c"] and loads == [
+        str(entry),
+        str(model),
+    ]  # tried, then rebuilt
     assert entry.read_bytes() != b"damaged"
     monkeypatch.setenv("FLOWERX_CACHE_DIR", str(image))  # a file: nothing can be made under it
-    assert Predictor(model).labels == ["a", "b", "c"]
+    assert Predictor(model, providers="cpu").labels == ["a", "b", "c"]
+
+
+def _has_openvino() -> bool:
+    import onnxruntime as ort
+
+    return "OpenVINOExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.skipif(_has_openvino(), reason="onnxruntime-openvino is installed here")
+def test_openvino_without_its_package_is_one_clear_error(model):
+    for name in ("openvino", "openvino-bf16"):
+        with pytest.raises(FlowerxError, match="needs onnxruntime-openvino in place of onnxruntime"):
+            Predictor(model, providers=name)
+    assert Predictor(model).provider == "CPUExecutionProvider"  # auto: the CPU
+    with pytest.raises(FlowerxError, match="providers must be 'auto' or one of"):
+        Predictor(model, providers="tpu")
+
+
+@pytest.mark.skipif(not _has_openvino(), reason="onnxruntime-openvino is not installed (it replaces onnxruntime)")
+def test_openvino_runs_the_model_and_says_its_precision(model, tmp_path):
+    """Issue 14: where onnxruntime-openvino is installed, "auto" and "openvino" run on it, "openvino-bf16" says so."""
+    image = solid(tmp_path / "green.png", (10, 200, 10))
+    reference = Predictor(model, providers="cpu").probabilities([image])
+    for name, provider in (
+        ("auto", "OpenVINOExecutionProvider"),
+        ("openvino", "OpenVINOExecutionProvider"),
+        ("openvino-bf16", "OpenVINOExecutionProvider (bf16)"),
+    ):
+        predictor = Predictor(model, providers=name)
+        assert predictor.provider == provider and predictor.predict(image, 1)[0].label == "green"
+        assert np.abs(predictor.probabilities([image]) - reference).max() < (0.02 if "bf16" in name else 1e-5)
