@@ -93,6 +93,18 @@ def train_table(report: dict) -> str:
         ("fraction of the limit (target >= 90%)", lambda r: f"{r['cold_pass_fraction_of_limit']:.0%}"),
         ("retrain.py-style per-image TF loop (img/s)", lambda r: f"{r['per_image_loop_images_per_s']:.0f}"),
         ("flowerx / per-image loop (target >= 2.5x)", lambda r: f"{r['cold_pass_speedup_vs_per_image_loop']:.1f}x"),
+        (
+            "new `--bottleneck-dir` minus warm, as img/s (a first run, export cached)",
+            lambda r: _fmt(r.get("new_dir_minus_warm_images_per_s"), ".0f"),
+        ),
+        (
+            "that / per-image loop (target >= 2.5x for 1.0_224)",
+            lambda r: _fmt(r.get("new_dir_minus_warm_vs_per_image_loop"), ".1f") + "x",
+        ),
+        (
+            "cold minus warm, as img/s (a fresh machine: export included)",
+            lambda r: _fmt(r.get("cold_minus_warm_images_per_s"), ".0f"),
+        ),
         ("head training, 4000 steps (s)", lambda r: f"{r['head_training_s']:.1f}"),
         ("`flowerx train` cold, wall (s)", lambda r: f"{r['train_cold']['wall_s']:.1f}"),
         ("`flowerx train` warm, wall (s) (target < 15 s for 1.0_224)", lambda r: f"{r['train_warm']['wall_s']:.1f}"),

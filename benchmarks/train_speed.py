@@ -3,7 +3,8 @@
     python -m benchmarks.train_speed --shared ../shared --json benchmarks/results/train_speed.json
 
 For each architecture, in this order (TensorFlow never runs in this process, so it slows nothing here):
-  1. `flowerx train` cold (empty bottleneck cache) and warm (all cached), wall time and peak memory;
+  1. `flowerx train` cold (empty bottleneck cache, fresh user cache), warm (all cached) and in a new
+     bottleneck folder (the network's export cached on the machine), wall time and peak memory;
   2. the decode floor: decode + resize alone, on all cores, and its cost in core-seconds per image;
   3. the network alone on pre-decoded batches (onnxruntime, the engine flowerx uses): core-seconds per image;
   4. the hardware limit, cores / (decode + network core-seconds per image), and flowerx's cold bottleneck
@@ -147,8 +148,9 @@ def bench_architecture(name: str, shared: Path, work: Path, baseline_count: int)
     arch = get_architecture(name)
     cores = os.cpu_count() or 1
     print(f"== {name}", flush=True)
-    cold = flowerx_train(name, shared, work / name)
+    cold = flowerx_train(name, shared, work / name)  # a fresh machine: the network's export is made
     warm = flowerx_train(name, shared, work / name)
+    new_dir = flowerx_train(name, shared, work / name / "new-dir")  # a new --bottleneck-dir, export cached
     dataset = discover(shared / "flower_photos")
     paths = [item.path for item in dataset.items]
     weights = shared / "models" / arch.weights_file
@@ -179,6 +181,11 @@ def bench_architecture(name: str, shared: Path, work: Path, baseline_count: int)
         "per_image_loop_images_per_s": baseline_ips,
         "cold_pass_speedup_vs_per_image_loop": pass_ips / baseline_ips,
         "head_training_s": warm["head_s"],
+        # what a first run pays over a warm one, as images/s: a new --bottleneck-dir / a fresh machine
+        "new_dir_minus_warm_images_per_s": len(paths) / (new_dir["wall_s"] - warm["wall_s"]),
+        "cold_minus_warm_images_per_s": len(paths) / (cold["wall_s"] - warm["wall_s"]),
+        "new_dir_minus_warm_vs_per_image_loop": len(paths) / (new_dir["wall_s"] - warm["wall_s"]) / baseline_ips,
+        "train_new_dir": new_dir,
         "train_cold": cold,
         "train_warm": warm,
         "scaling": scaling,
