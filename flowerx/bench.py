@@ -27,10 +27,24 @@ from pathlib import Path
 from .architectures import ARCHITECTURES, default_model_dir, get_architecture
 from .errors import FlowerxError
 
-RUNTIMES = ("onnxruntime", "tensorflow", "litert")
-RUNTIME_MODULE = {"onnxruntime": "onnxruntime", "tensorflow": "tensorflow", "litert": "ai_edge_litert"}
-RUNTIME_FILE = {"onnxruntime": "model.onnx", "tensorflow": "savedmodel", "litert": "model.tflite"}
-INSTALL_HINT = {"tensorflow": "pip install 'flowerx[train]'", "litert": "pip install 'flowerx[bench]'"}
+RUNTIMES = ("onnxruntime", "tensorflow", "litert", "litert-int8")
+RUNTIME_MODULE = {
+    "onnxruntime": "onnxruntime",
+    "tensorflow": "tensorflow",
+    "litert": "ai_edge_litert",
+    "litert-int8": "ai_edge_litert",
+}
+RUNTIME_FILE = {
+    "onnxruntime": "model.onnx",
+    "tensorflow": "savedmodel",
+    "litert": "model.tflite",
+    "litert-int8": "model.int8.tflite",  # LiteRT's own full-integer model, the fair match for flowerx's int8
+}
+INSTALL_HINT = {
+    "tensorflow": "pip install 'flowerx[train]'",
+    "litert": "pip install 'flowerx[bench]'",
+    "litert-int8": "pip install 'flowerx[bench]'",
+}
 DEFAULT_ARCHITECTURES = ["mobilenet_1.0_224", "mobilenet_0.75_224", "mobilenet_0.50_224", "mobilenet_0.25_224"]
 FULL_ARCHITECTURES = list(ARCHITECTURES)  # the 16 MobileNets and Inception V3
 
@@ -203,7 +217,7 @@ def _plan_models(cfg: BenchConfig) -> list[_Model]:
 def _prepare(model: _Model, cfg: BenchConfig) -> str | None:
     """Build the model's files for every runtime once (needs TensorFlow); None on success, else why not."""
     done = model.dir / "info.json"
-    if not done.is_file():
+    if not done.is_file() or "int8_tflite" not in json.loads(done.read_text()):  # prepared before litert-int8
         if importlib.util.find_spec("tensorflow") is None:
             return f"TensorFlow not installed ({INSTALL_HINT['tensorflow']})"
         args = ["prepare", "--arch", model.arch, "--out", str(model.dir), "--model-dir", cfg.model_dir]
@@ -227,7 +241,10 @@ def _measure(model: _Model, runtime: str, threads: int, cfg: BenchConfig) -> Row
         return row
     path = model.onnx if runtime == "onnxruntime" else model.dir / RUNTIME_FILE[runtime]
     if not path.exists():
-        row.status = f"skipped: no {RUNTIME_FILE[runtime]} ({model.info.get('prepare_error', 'not prepared')})"
+        why = model.info.get("prepare_error", "not prepared")
+        if runtime == "litert-int8" and model.info.get("int8_tflite", "ok") != "ok":
+            why = f"LiteRT's int8 conversion failed: {model.info['int8_tflite']}"
+        row.status = f"skipped: no {RUNTIME_FILE[runtime]} ({why})"
         return row
     size = get_architecture(model.arch).input_size
     result = _worker(
@@ -415,7 +432,7 @@ def plot(report: BenchReport, path: str | os.PathLike) -> None:
     rows = [r for r in report.rows if r.status == "ok" and r.threads == threads and r.median_ms]
     use_accuracy = any(r.accuracy is not None for r in rows)
     fig, ax = plt.subplots(figsize=(10, 6.5))
-    colours = {"onnxruntime": "tab:blue", "tensorflow": "tab:orange", "litert": "tab:green"}
+    colours = {"onnxruntime": "tab:blue", "tensorflow": "tab:orange", "litert": "tab:green", "litert-int8": "tab:olive"}
     for runtime in RUNTIMES:
         mine = [r for r in rows if r.runtime == runtime and (r.accuracy is not None if use_accuracy else r.macs)]
         if not mine:

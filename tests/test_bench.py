@@ -31,9 +31,11 @@ def test_bench_quick_json(tmp_path):
     report = json.loads(out.read_text())
     assert report["machine"]["cores"] >= 1 and report["machine"]["versions"]["onnxruntime"]
     rows = {r["runtime"]: r for r in report["rows"]}
-    assert set(rows) == {"onnxruntime", "tensorflow", "litert"}
+    assert set(rows) == {"onnxruntime", "tensorflow", "litert", "litert-int8"}
     measured = [r for r in report["rows"] if r["status"] == "ok"]
     assert rows["onnxruntime"]["status"] == "ok" and rows["tensorflow"]["status"] == "ok"
+    if rows["litert"]["status"] == "ok":  # LiteRT installed: its own full-integer model runs too
+        assert rows["litert-int8"]["status"] == "ok" and rows["litert-int8"]["file_mb"] < rows["litert"]["file_mb"] / 2
     for row in measured:
         assert row["weights"] == "random"  # no weights in that folder: random, BN calibrated
         for key in (
