@@ -19,6 +19,7 @@ import io
 import json
 import os
 import re
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,10 +141,21 @@ class _Writer:
 
     def __init__(self, output: Path, top_k: int):
         self.output, self.top_k, self.kind = output, top_k, output.suffix.lower()
-        self.tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
 
     def __enter__(self):
         self.output.parent.mkdir(parents=True, exist_ok=True)  # check_outputs found it writable
+        fd, name = tempfile.mkstemp(dir=self.output.parent, prefix=f".{self.output.name}.", suffix=".tmp")
+        os.close(fd)  # a new file of ours: the only one __exit__ removes or renames
+        self.tmp = Path(name)
+        os.chmod(self.tmp, 0o644)  # as atomic_write's files (mkstemp makes 0600)
+        try:
+            self._open()
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
+        return self
+
+    def _open(self) -> None:
         if self.kind == ".parquet":
             try:
                 import pyarrow as pa
@@ -162,7 +174,6 @@ class _Writer:
                 self.csv = csv.writer(self.file)
                 ranks = range(1, self.top_k + 1)
                 self.csv.writerow(["path", *(f"label_{i}" for i in ranks), *(f"score_{i}" for i in ranks), "error"])
-        return self
 
     def write(self, rows: list[Row]) -> None:
         if self.kind == ".parquet":

@@ -43,6 +43,7 @@ IN_MEMORY_LIMIT = 1 << 30  # bytes of features kept in RAM; larger datasets are 
 CACHE_FORMATS = ("auto", "files", "shards")
 SHARD_THRESHOLD = 50_000  # images from which "auto" picks shards for a new cache
 SHARD_ROWS = 4096  # rows per shard: 16 MB for mobilenet_1.0_224's 1024 features
+_DAMAGED = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)  # what reading a bad shard raises
 
 
 @dataclass
@@ -165,19 +166,31 @@ class ShardedCache(BottleneckCache):
                 self._known.add(name)
                 path = self.dir / name
                 try:
-                    with np.load(path, allow_pickle=False) as shard:
-                        keys = shard["keys"]
-                    if keys.ndim != 2 or keys.shape[1] != 32 or keys.dtype != np.uint8:
-                        raise ValueError(f"keys of shape {keys.shape} {keys.dtype}")
+                    keys, _ = self._read(path, features=False)
                 except FileNotFoundError:
                     continue
-                except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+                except _DAMAGED as e:
                     self._set_aside(path, str(e), on_warning)
                     continue
                 number = len(self._shards)
                 self._shards.append(path)
                 for row, key in enumerate(keys):
                     self._index[key.tobytes()] = (number, row)
+
+    def _read(self, path: Path, features: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """A shard's keys (and feature rows), checked: shapes, types, finite values, the zip's CRC-32 (zipfile
+        checks it as a member is read); raises one of _DAMAGED."""
+        with np.load(path, allow_pickle=False) as shard:
+            keys = shard["keys"]
+            rows = shard["features"] if features else None
+        if keys.ndim != 2 or keys.shape[1] != 32 or keys.dtype != np.uint8:
+            raise ValueError(f"keys of shape {keys.shape} {keys.dtype}")
+        if rows is not None:
+            if rows.shape != (len(keys), *self.shape) or rows.dtype != self.dtype:
+                raise ValueError(f"features of shape {rows.shape} {rows.dtype}")
+            if not np.isfinite(rows).all():
+                raise ValueError("features that are not finite")
+        return keys, rows
 
     def _features(self, number: int) -> np.ndarray:
         """A shard's feature rows, checked (raises ValueError, and sets the shard aside, when damaged)."""
@@ -186,13 +199,8 @@ class ShardedCache(BottleneckCache):
             return self._loaded[number]
         path = self._shards[number]
         try:
-            with np.load(path, allow_pickle=False) as shard:
-                keys, features = shard["keys"], shard["features"]
-            if features.shape != (len(keys), *self.shape) or features.dtype != self.dtype:
-                raise ValueError(f"features of shape {features.shape} {features.dtype}")
-            if not np.isfinite(features).all():
-                raise ValueError("features that are not finite")
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            _, features = self._read(path, features=True)
+        except _DAMAGED as e:
             self._index = {k: v for k, v in self._index.items() if v[0] != number}
             self._set_aside(path, str(e), lambda msg: None)
             raise ValueError(f"damaged cache shard {path.name}: {e}") from None

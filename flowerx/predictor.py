@@ -6,6 +6,7 @@ own metadata, so callers never guess. Everything read from a model is checked wh
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -92,6 +93,7 @@ def _options(threads: int, optimize: bool = True) -> ort.SessionOptions:
     return options
 
 
+@functools.cache
 def _cpu_flags() -> str:
     """What the optimised graph depends on besides onnxruntime: the CPU's instruction sets (NCHWc block size)."""
     try:

@@ -42,6 +42,20 @@ def test_rows_in_every_format_are_the_same_and_name_the_bad_file(folder, tmp_pat
     assert classify_to_file(folder["model"], folder["paths"][:3], nested).images == 3 and nested.is_file()
 
 
+def test_files_beside_the_output_are_never_overwritten_or_removed(folder, tmp_path):
+    import os
+
+    mine = {f".rows.jsonl.{os.getpid()}.tmp": "keep me", ".rows.jsonl.tmp": "and me"}  # names a temp file might take
+    for name, text in mine.items():
+        (tmp_path / name).write_text(text)
+    classify_to_file(folder["model"], folder["paths"][:3], tmp_path / "rows.jsonl")
+    with pytest.raises(FlowerxError):  # a run that fails midway (an unknown model) removes only its own temp file
+        classify_to_file(tmp_path / "rows.jsonl", folder["paths"][:3], tmp_path / "rows.csv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*mine, "rows.jsonl"])
+    assert all((tmp_path / name).read_text() == text for name, text in mine.items())
+    assert oct((tmp_path / "rows.jsonl").stat().st_mode & 0o777) == "0o644"
+
+
 def test_bad_outputs_are_refused_before_any_work(folder, tmp_path):
     with pytest.raises(FlowerxError, match="must end in .jsonl, .csv, .parquet"):
         classify_to_file(folder["model"], folder["paths"], tmp_path / "out.txt")

@@ -217,3 +217,21 @@ def test_openvino_runs_the_model_and_says_its_precision(model, tmp_path):
         predictor = Predictor(model, providers=name)
         assert predictor.provider == provider and predictor.predict(image, 1)[0].label == "green"
         assert np.abs(predictor.probabilities([image]) - reference).max() < (0.02 if "bf16" in name else 1e-5)
+
+
+def test_pruning_old_sessions_removes_only_flowerx_entries(tmp_path, monkeypatch):
+    """The user cache keeps SESSIONS_KEPT optimised sessions; files it did not name itself are never touched."""
+    from flowerx import predictor as predictor_module
+
+    monkeypatch.setenv("FLOWERX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(predictor_module, "SESSIONS_KEPT", 1)
+    sessions = tmp_path / "cache" / "sessions"
+    sessions.mkdir(parents=True)
+    foreign = {"notes.ort": b"mine", "ABCDEF0123456789ABCDEF0123456789.ort": b"upper case", "x" * 32 + ".ort": b"x"}
+    for name, data in foreign.items():
+        (sessions / name).write_bytes(data)
+    for name in ("one", "two"):
+        Predictor(write_tiny_model(tmp_path / f"{name}.onnx"), providers="cpu")
+    ours = [p for p in sessions.iterdir() if p.name not in foreign]
+    assert ours == [predictor_module.session_cache_path(tmp_path / "two.onnx")]  # the newest of ours kept
+    assert all((sessions / name).read_bytes() == data for name, data in foreign.items())
