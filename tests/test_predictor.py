@@ -235,3 +235,22 @@ def test_pruning_old_sessions_removes_only_flowerx_entries(tmp_path, monkeypatch
     ours = [p for p in sessions.iterdir() if p.name not in foreign]
     assert ours == [predictor_module.session_cache_path(tmp_path / "two.onnx")]  # the newest of ours kept
     assert all((sessions / name).read_bytes() == data for name, data in foreign.items())
+
+
+def test_a_big_batch_runs_a_few_images_at_a_time_on_the_cpu(model):
+    from flowerx import predictor
+
+    p = Predictor(model, providers="cpu")
+    sizes, session = [], p.session
+
+    class Counting:  # records the batch each onnxruntime run gets
+        def run(self, names, feeds):
+            sizes.append(len(next(iter(feeds.values()))))
+            return session.run(names, feeds)
+
+    batch = np.random.default_rng(0).integers(0, 255, (predictor.CPU_RUN_BATCH * 2 + 3, 8, 8, 3), dtype=np.uint8)
+    p.session = Counting()
+    together = p.probabilities(batch)
+    assert sizes == [predictor.CPU_RUN_BATCH] * 2 + [3]  # memory bounded by 8 images, whatever the batch
+    alone = np.concatenate([p.probabilities(batch[i : i + 1]) for i in range(len(batch))])
+    assert together.shape == (len(batch), 3) and np.array_equal(together, alone)
