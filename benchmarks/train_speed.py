@@ -54,11 +54,15 @@ def run_flowerx_train(args: list[str], result_json: Path) -> tuple[float, float,
     return wall, peak_mb, json.loads(result_json.read_text())
 
 
-def flowers_args(arch: str, shared: Path, bottlenecks: Path, graph: Path, summaries: str = "") -> list[str]:
-    """`flowerx train` flags for all the flower photos with the real weights."""
+def flowers_args(
+    arch: str, shared: Path, bottlenecks: Path, graph: Path, summaries: str = "", head_only: bool = True
+) -> list[str]:
+    """`flowerx train` flags for all the flower photos with the real weights (the head alone unless told:
+    these benchmarks time the bottleneck pass and the head, retrain.py's job)."""
     return [
         "--image-dir", str(shared / "flower_photos"), "--architecture", arch, "--model-dir", str(shared / "models"),
         "--bottleneck-dir", str(bottlenecks), "--summaries-dir", summaries, "--output-graph", str(graph),
+        *(["--head-only"] if head_only else []),
     ]  # fmt: skip
 
 

@@ -8,6 +8,7 @@ calibrate on, re-fits the head and gates on accuracy; this module only converts.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import os
 import tempfile
@@ -17,6 +18,13 @@ import numpy as np
 
 from . import ExportError
 from .names import HEAD_MATMUL, HEAD_PREFIX, INPUT, LABELS_PREFIX
+
+# quantize_features' histogram methods: onnxruntime's calibrator and its options
+HISTOGRAMS = {
+    "percentile": ("Percentile", {"percentile": 99.999, "symmetric": False}),
+    "entropy": ("Entropy", {}),
+}
+CALIBRATIONS = ("minmax", *HISTOGRAMS)
 
 
 def strip_head(model):
@@ -45,8 +53,32 @@ def strip_head(model):
     return stripped
 
 
-def quantize_features(features_model, calibration: np.ndarray) -> bytes:
-    """Static QDQ int8 (per-channel weights, MinMax-calibrated uint8 activations) of a feature network."""
+def _streamed_ranges(model_path: str, calibration: np.ndarray, step: int, method, options: dict, work: str):
+    """Activation ranges from histograms built one batch at a time (onnxruntime's histogram calibrators
+    keep every activation of every image otherwise: 3 GB for mobilenet_0.25_224 and 200 images): each
+    collect_data call folds its batch into the running histograms and drops the activations."""
+    from onnxruntime.quantization import CalibrationDataReader
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    class One(CalibrationDataReader):
+        def __init__(self, batch):
+            self.batch = batch
+
+        def get_next(self):
+            batch, self.batch = self.batch, None
+            return batch
+
+    calibrator = create_calibrator(
+        model_path, None, os.path.join(work, "augmented.onnx"), calibrate_method=method, extra_options=options
+    )
+    for i in range(0, len(calibration), step):
+        calibrator.collect_data(One({INPUT: calibration[i : i + step]}))
+    return calibrator.compute_data()
+
+
+def quantize_features(features_model, calibration: np.ndarray, method: str = "minmax") -> bytes:
+    """Static QDQ int8 (per-channel weights, uint8 activations) of a feature network, its activation ranges
+    from the calibration images by MinMax, or by a percentile (99.999) or entropy of streamed histograms."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -55,6 +87,7 @@ def quantize_features(features_model, calibration: np.ndarray) -> bytes:
         QuantType,
         quantize_static,
     )
+    from onnxruntime.quantization.calibrate import save_tensors_data
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     step = 8 if len(calibration) >= 8 else len(calibration)
@@ -72,6 +105,15 @@ def quantize_features(features_model, calibration: np.ndarray) -> bytes:
         onnx.save(features_model, float_path)
         with contextlib.redirect_stdout(io.StringIO()):  # the calibrator prints its progress
             quant_pre_process(float_path, pre_path, skip_symbolic_shape=True)  # folds BatchNorm, infers shapes
+            streamed, cache = HISTOGRAMS.get(method), None
+            if streamed is not None:
+                if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+                    raise ExportError(f"--int8-calibration {method} needs onnxruntime 1.32 or later")
+                cache = os.path.join(work, "ranges.json")  # quantize_static reads the ranges from it
+                ranges = _streamed_ranges(
+                    pre_path, calibration, step, getattr(CalibrationMethod, streamed[0]), streamed[1], work
+                )
+                save_tensors_data(ranges, cache)
             quantize_static(
                 pre_path,
                 out_path,
@@ -80,11 +122,13 @@ def quantize_features(features_model, calibration: np.ndarray) -> bytes:
                 per_channel=True,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
-                # MinMax keeps only each tensor's min and max per batch (the histogram calibrators keep every
-                # activation: 10 GB for mobilenet_1.0_224 and 200 images). No CalibMaxIntermediateOutputs:
+                # MinMax keeps only each tensor's min and max per batch (onnxruntime's histogram calibrators
+                # keep every activation, 10 GB for mobilenet_1.0_224 and 200 images, unless streamed as
+                # above). No CalibMaxIntermediateOutputs:
                 # onnxruntime 1.32 drops the collected batches at that limit without folding them into the
                 # ranges (microsoft/onnxruntime#18893), so only the last few batches counted, and an even
                 # number of batches failed with "No data is collected".
-                calibrate_method=CalibrationMethod.MinMax,
+                calibrate_method=getattr(CalibrationMethod, streamed[0]) if streamed else CalibrationMethod.MinMax,
+                calibration_cache_path=cache,
             )
         return Path(out_path).read_bytes()

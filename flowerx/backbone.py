@@ -72,12 +72,13 @@ def _import_tensorflow():
 tf, keras = _import_tensorflow()  # the training path imports TF from here
 
 
-def build_base(arch: Architecture, weights: str | Path | None) -> keras.Model:
+def build_base(arch: Architecture, weights: str | Path | None, any_size: bool = False) -> keras.Model:
     """The pretrained network without its classifier, global-average pooled: float [-1, 1] in, features out.
 
-    weights: a weights file, or None for random weights (benchmarks only).
+    weights: a weights file, or None for random weights (benchmarks only). any_size: images of any side in
+    (fine-tuning at lower resolutions), not only arch.input_size.
     """
-    shape = (arch.input_size, arch.input_size, 3)
+    shape = (None, None, 3) if any_size else (arch.input_size, arch.input_size, 3)
     kwargs = dict(input_shape=shape, include_top=False, pooling="avg", weights=None)
     try:
         if arch.family == "inception_v3":

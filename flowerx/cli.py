@@ -342,6 +342,8 @@ def _add_bench(sub, common, full: bool = True) -> None:
 
 
 def _add_export_int8(sub, common) -> None:
+    from exporters.int8 import CALIBRATIONS
+
     p = sub.add_parser(
         "export-int8", parents=[common], help="write an int8 (static QDQ) copy of a trained model, if accurate enough"
     )
@@ -352,6 +354,13 @@ def _add_export_int8(sub, common) -> None:
         type=float,
         default=1.0,
         help="points of test accuracy the int8 model may lose, else it is not written (default: 1.0)",
+    )
+    p.add_argument(
+        "--int8-calibration",
+        choices=CALIBRATIONS,
+        default="minmax",
+        help="how activation ranges are calibrated: the extremes, or a percentile (99.999) or entropy of "
+        "histograms built batch by batch (default: minmax)",
     )
     _add_follow_links(p)
 
@@ -487,7 +496,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         out,
         f"Wrote {result.output_graph} and {result.output_labels} "
         f"(ONNX matches Keras to {result.parity_max_diff:.1e}); "
-        f"bottlenecks {t['bottlenecks_s']:.1f} s, head {t['head_s']:.1f} s, export {t['export_s']:.1f} s, "
+        f"bottlenecks {t['bottlenecks_s']:.1f} s, head {t['head_s']:.1f} s, "
+        + (f"fine-tuning {t['fine_tune_s']:.1f} s, " if "fine_tune_s" in t else "")
+        + f"export {t['export_s']:.1f} s, "
         f"total {t['total_s']:.1f} s",
     )
     return 0
@@ -784,6 +795,7 @@ def cmd_export_int8(args: argparse.Namespace) -> int:
         args.max_accuracy_drop,
         reporter.events(),
         follow_links=args.follow_links,
+        calibration=args.int8_calibration,
     )
     if not result.written:
         say(err, f"error: {result.message}")

@@ -1,4 +1,6 @@
-"""`--fine-tune-blocks N`: after the head has converged, train the network's top N blocks with it.
+"""Fine-tuning: after the head has converged, train the network's top N blocks with it (`--fine-tune-blocks N`;
+by default all of them, when the run fits `--time-budget`: flowerx.train decides, from an estimate made after
+the first steps, estimate_s).
 
 Each epoch every training image is decoded again and freshly distorted (`--flip-left-right` and the other
 distortion flags; a mild default when none is given), so the network never sees the same pixels twice: what
@@ -9,7 +11,9 @@ BatchNorm layers scale some depthwise weights' gradients up enormously (measured
 validation accuracy to chance within 20 steps). Validation, the kept epoch and the export use an exponential
 moving average of the weights (measured on mobilenet_1.0_224: validation accuracy climbs more steadily, 95.8%
 against 95.1% at the same epoch). Early stopping on validation accuracy, its patience counted from half the
-epochs, keeps the best epoch, or the head alone when no epoch beat it. After each epoch a checkpoint
+epochs, keeps the best epoch, or the head alone when no epoch beat it. Progressive resizing (low_res): the
+early epochs train on smaller views (a 160-pixel step costs half a 224-pixel one), the last ones at the
+network's size, and only those may be kept. After each epoch a checkpoint
 (weights, optimizer state, early-stopping state) is written atomically, so an interrupted run resumes at its
 next epoch, and a rerun with the same data and settings computes nothing again.
 """
@@ -41,6 +45,16 @@ from .parallel import chunked, map_ahead
 DEFAULT_DISTORTION = Distortion(flip_left_right=True, random_scale=15, random_brightness=10)
 CHECKPOINT_VERSION = 2  # 2: images decoded to sRGB
 PREDICT_BATCH = 64
+# With a time budget, the first steps are timed (after WARMUP_STEPS, which trace the graph) to estimate the run.
+WARMUP_STEPS, PROBE_STEPS = 2, 4
+
+
+class OverBudget(Exception):
+    """Fine-tuning would end after its deadline (found after its first steps; nothing was kept)."""
+
+    def __init__(self, estimate_s: float, left_s: float):
+        super().__init__(f"estimated {estimate_s:.0f} s more, {left_s:.0f} s left")
+        self.estimate_s, self.left_s = estimate_s, left_s
 
 
 @dataclass(frozen=True)
@@ -61,10 +75,27 @@ class FineTuneConfig:
     # Epochs without a better validation accuracy before stopping, counted from half the epochs: the first
     # epochs, at the highest learning rate, often dip below the head alone before they climb past it.
     patience: int = 3
+    # Progressive resizing: the early epochs train on low_res-pixel views (a 160-pixel step costs half a
+    # 224-pixel one), the last full_res_epochs at the network's own size, which validation and the export use.
+    low_res: int = 0  # 0: every epoch at the network's size
+    full_res_epochs: int = 2
 
     @property
     def views(self) -> Distortion:
         return self.distortion if self.distortion.active else DEFAULT_DISTORTION
+
+    def first_kept_epoch(self, full: int) -> int:
+        """The first epoch that trains at the network's size full, and so may be kept."""
+        return self.max_epochs - self.full_res_epochs + 1 if 0 < self.low_res < full else 1
+
+    def size(self, epoch: int, full: int) -> int:
+        """The side of the training views in epoch (1-based)."""
+        return self.low_res if epoch < self.first_kept_epoch(full) else full
+
+
+def all_blocks(arch: Architecture) -> int:
+    """The --fine-tune-blocks that trains the whole network."""
+    return 10 if arch.family == "inception_v3" else 13
 
 
 def cut_layer(arch: Architecture, blocks: int) -> str:
@@ -145,20 +176,22 @@ def _load(path: Path, key: str) -> tuple[dict, dict[str, list[np.ndarray]]] | No
 
 
 class _Tuner:
-    """The TensorFlow side of one fine-tuning run: the trainable weights (top blocks + head), their moving
-    average, the optimizer and the compiled step."""
+    """The TensorFlow side of one fine-tuning run: a copy of the network that takes images of any size, its
+    trainable weights (top blocks + head), their moving average, the optimizer and the compiled step."""
 
-    def __init__(self, base, features_model, arch: Architecture, cfg: FineTuneConfig, kernel, bias, steps: int):
-        from .backbone import keras, tf
+    def __init__(self, base, arch: Architecture, cfg: FineTuneConfig, kernel, bias, steps: int):
+        from .backbone import build_base, keras, tf
 
-        self.tf, self.features_model, self.cfg, self.size = tf, features_model, cfg, arch.input_size
-        cut = [layer.name for layer in base.layers].index(cut_layer(arch, cfg.blocks))
-        base.trainable = True
-        for i, layer in enumerate(base.layers):
+        self.tf, self.cfg, self.size, self.arch = tf, cfg, arch.input_size, arch
+        self.net = build_base(arch, None, any_size=True)
+        self.net.set_weights(base.get_weights())
+        cut = [layer.name for layer in self.net.layers].index(cut_layer(arch, cfg.blocks))
+        self.net.trainable = True
+        for i, layer in enumerate(self.net.layers):
             layer.trainable = i > cut and not isinstance(layer, keras.layers.BatchNormalization)
         self.w = tf.Variable(kernel.astype(np.float32), name="head_kernel")
         self.b = tf.Variable(bias.astype(np.float32), name="head_bias")
-        self.variables = list(features_model.trainable_variables) + [self.w, self.b]
+        self.variables = list(self.net.trainable_variables) + [self.w, self.b]
         schedule = keras.optimizers.schedules.CosineDecay(cfg.learning_rate, cfg.max_epochs * steps)
         self.optimizer = keras.optimizers.Adam(schedule)
         self.optimizer.build(self.variables)
@@ -167,7 +200,10 @@ class _Tuner:
         self.logits = tf.function(self._logits, reduce_retracing=True)
 
     def _logits(self, x):
-        return self.tf.matmul(self.features_model(x, training=False), self.w) + self.b
+        """uint8 images of any size -> the head's logits (normalised as the exported network does)."""
+        tf, arch = self.tf, self.arch
+        pixels = tf.cast(x, tf.float32) * (1.0 / arch.std) + (-arch.mean / arch.std)
+        return tf.matmul(self.net(pixels, training=False), self.w) + self.b
 
     def _step(self, x, y):
         """One Adam step with label smoothing; updates the moving average. Returns (loss, correct count)."""
@@ -221,24 +257,53 @@ class _Tuner:
         return arrays["best"]
 
 
+def estimate_s(
+    cfg: FineTuneConfig, step_s: float, size: int, full: int, steps_left: int, steps: int, validation: int, epoch: int
+) -> float:
+    """Seconds still to go in a run that takes step_s per step at side size now: steps_left more steps of this
+    epoch (1-based), its validation, then the later epochs of `steps` steps (a step's cost grows with the
+    pixels) and their validation (an image costs about a third of a trained one at full size: forward only)."""
+    validate = validation * step_s * (full / size) ** 2 / cfg.batch_size / 3
+    later = sum(steps * step_s * (cfg.size(e, full) / size) ** 2 for e in range(epoch + 1, cfg.max_epochs + 1))
+    return steps_left * step_s + later + validate * (cfg.max_epochs - epoch + 1)
+
+
 def _epoch(
-    tuner: _Tuner, items, labels: np.ndarray, splits: dict[str, np.ndarray], epoch: int, steps: int
+    tuner: _Tuner,
+    items,
+    labels: np.ndarray,
+    splits: dict[str, np.ndarray],
+    epoch: int,
+    steps: int,
+    deadline: float | None = None,
 ) -> tuple[dict, int]:
     """One epoch over fresh views of the training images (a seeded order), then validation: (its record,
-    images trained on)."""
+    images trained on). deadline: a time.perf_counter() the whole run must end by, checked after the first
+    steps (OverBudget)."""
     cfg, tf = tuner.cfg, tuner.tf
     t = time.perf_counter()
     rng_seed = _seed(cfg.seed, 7)
     order = np.random.default_rng(_seed(rng_seed, epoch)).permutation(splits["train"])
     order = order[: steps * cfg.batch_size] if len(order) >= cfg.batch_size else order
-    losses, correct = [], 0.0
-    seed = _seed(rng_seed, epoch, 1)
-    with _image_batches(items, order, tuner.size, cfg.batch_size, cfg.views, seed) as batches:
-        for idx, x in batches:
+    losses, correct, estimate = [], 0.0, None
+    seed, size = _seed(rng_seed, epoch, 1), cfg.size(epoch, tuner.size)
+    with _image_batches(items, order, size, cfg.batch_size, cfg.views, seed) as batches:
+        for step, (idx, x) in enumerate(batches, 1):
+            if step == WARMUP_STEPS + 1:
+                probe = time.perf_counter()
             loss, hits = tuner.step(tf.constant(x), tf.constant(labels[idx], tf.int64))
             losses.append(float(loss))
             correct += float(hits)
-    record = {"epoch": epoch, "loss": float(np.mean(losses)), "train_accuracy": correct / len(order)}
+            if deadline is not None and step == WARMUP_STEPS + PROBE_STEPS:
+                now = time.perf_counter()
+                step_s, left = (now - probe) / PROBE_STEPS, len(order) // cfg.batch_size - step
+                to_go = estimate_s(cfg, step_s, size, tuner.size, left, steps, len(splits["validation"]), epoch)
+                estimate = now - t + to_go
+                if now + to_go > deadline:
+                    raise OverBudget(to_go, deadline - now)
+    record = {"epoch": epoch, "size": size, "loss": float(np.mean(losses)), "train_accuracy": correct / len(order)}
+    if estimate is not None:  # the run's estimated seconds from this epoch's start (checked against the deadline)
+        record["estimated_s"] = estimate
     record["validation_accuracy"] = tuner.averaged_accuracy(items, labels, splits["validation"])
     record["seconds"] = time.perf_counter() - t
     return record, len(order)
@@ -260,12 +325,13 @@ def _key_settings(arch: Architecture, cfg: FineTuneConfig) -> dict:
     }
     if cfg.patience != FineTuneConfig.patience:
         settings["patience"] = cfg.patience
+    if cfg.low_res:
+        settings.update(low_res=cfg.low_res, full_res_epochs=cfg.full_res_epochs)
     return settings
 
 
 def fine_tune(
     base,
-    features_model,
     arch: Architecture,
     cfg: FineTuneConfig,
     items: Sequence[ImageItem],
@@ -277,13 +343,15 @@ def fine_tune(
     events: Events = QUIET,
     summary_dir: Path | None = None,
     key_parts: dict | None = None,
+    deadline: float | None = None,
 ) -> FineTuneResult:
-    """Train the top cfg.blocks blocks of base (shared by features_model: uint8 image -> pooled features) and
-    the head on freshly distorted training images; returns the best epoch's head (base keeps its weights).
-    key_parts: what else the starting point depends on (the head's settings), for the checkpoint's key."""
+    """Train the top cfg.blocks blocks of base and the head on freshly distorted training images; returns the
+    best epoch's head, and puts the best epoch's weights into base (unchanged when no epoch beat the head).
+    key_parts: what else the starting point depends on (the head's settings), for the checkpoint's key.
+    deadline: a time.perf_counter() the run must end by: OverBudget after the first steps when it would not."""
     train, validation = splits["train"], splits["validation"]
     steps = max(1, len(train) // cfg.batch_size)
-    tuner = _Tuner(base, features_model, arch, cfg, kernel, bias, steps)
+    tuner = _Tuner(base, arch, cfg, kernel, bias, steps)
     settings = _key_settings(arch, cfg)
     key = checkpoint_key(
         {**settings, "splits": {k: len(v) for k, v in splits.items()}, **(key_parts or {})},
@@ -298,10 +366,12 @@ def fine_tune(
     )
     try:
         while not state["done"] and state["epoch"] < cfg.max_epochs:
-            record, images = _epoch(tuner, items, labels, splits, state["epoch"] + 1, steps)
+            record, images = _epoch(tuner, items, labels, splits, state["epoch"] + 1, steps, deadline)
+            deadline = None  # estimated once, from the first epoch this process runs
             best = _record(state, record, images, best, tuner, writer, events)
             _save(checkpoint, state, tuner.arrays(best))
         tuner.restore(best)
+        base.set_weights(tuner.net.get_weights())
         test = splits["test"]
         predictions = tuner.predict(items, test) if len(test) else np.zeros(0, int)
     finally:
@@ -365,8 +435,13 @@ def _record(state: dict, record: dict, images: int, best: list, tuner: _Tuner, w
             f"fine-tuning diverged in epoch {epoch} (the loss is not finite): lower "
             f"--fine-tune-learning-rate (it is {cfg.learning_rate:g}); no model written"
         )
-    if val > state["best_accuracy"]:
+    # Only full-size epochs may be kept (a network trained on smaller views is not done); a tie goes to the
+    # later epoch, trained longer, but the head alone must be beaten outright.
+    first = cfg.first_kept_epoch(tuner.size)
+    if epoch >= first and (val > state["best_accuracy"] or (val == state["best_accuracy"] and state["best_epoch"])):
         state["best_epoch"], state["best_accuracy"], best = epoch, val, tuner.snapshot(tuner.ema)
     state["epoch"] = epoch
-    state["done"] = epoch >= cfg.max_epochs or epoch - max(state["best_epoch"], cfg.max_epochs // 2) >= cfg.patience
+    state["done"] = (
+        epoch >= cfg.max_epochs or epoch - max(state["best_epoch"], cfg.max_epochs // 2, first - 1) >= cfg.patience
+    )
     return best

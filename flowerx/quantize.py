@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from exporters import ExportError
+from exporters.int8 import CALIBRATIONS
 
 from .bottlenecks import stream_session
 from .contract import CONTRACT_VERSION, HEAD_BIAS, HEAD_KERNEL, HEAD_PREFIX, Contract
@@ -27,7 +28,10 @@ from .fileio import atomic_write, check_outputs
 from .head import HeadConfig, accuracy_of, train_head
 from .parallel import chunked, map_ahead
 
-CALIBRATION_IMAGES = 200  # MinMax ranges come from this many training images
+CALIBRATION_IMAGES = 200  # activation ranges come from this many training images
+# --int8-calibration (exporters.int8.quantize_features). Measured on mobilenet_0.25_224 (head only, test split,
+# float 89.0%): minmax 87.1%, percentile 99.999 87.5% (99.99: 87.5, 99.9: 87.1), entropy 87.1%; the histogram
+# methods' peak memory is MinMax's (830 MB), not the 3 GB of onnxruntime's own calibrators.
 QUANTIZATION = "int8 static QDQ, per-channel weights, MinMax-calibrated activations, head re-fitted"
 
 
@@ -84,6 +88,7 @@ def export_int8(
     head: HeadConfig | None = None,
     follow_links: bool = False,
     calibration_images: int = CALIBRATION_IMAGES,
+    calibration: str = "minmax",
 ) -> Int8Result:
     """Write <graph>.int8.onnx beside a flowerx float model, calibrated and re-fitted on image_dir's
     training split, if its test accuracy is within max_drop points of the float model's. The head is
@@ -96,6 +101,8 @@ def export_int8(
 
     if not math.isfinite(max_drop):  # negative is allowed: the int8 model must then be better by that much
         raise FlowerxError(f"--max-accuracy-drop must be a finite number, got {max_drop}")
+    if calibration not in CALIBRATIONS:
+        raise FlowerxError(f"--int8-calibration must be one of {', '.join(CALIBRATIONS)}, not {calibration!r}")
     float_graph = Path(float_graph).expanduser()
     path = int8_path(float_graph)
     check_outputs({"the int8 model": path}, {"--graph": float_graph}, {"image dir": image_dir})
@@ -107,11 +114,10 @@ def export_int8(
     except ExportError as e:
         raise FlowerxError(str(e)) from None
     weights = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name.startswith(HEAD_PREFIX)}
-
     head_cfg = head or _recorded_head(contract)
-    calibration = _calibration_images(items, names, contract.input_size, head_cfg.seed, calibration_images)
-    events.info(f"int8: calibrating on {len(calibration)} training images")
-    quantized = quantize_features(features_model, calibration)
+    images = _calibration_images(items, names, contract.input_size, head_cfg.seed, calibration_images)
+    events.info(f"int8: calibrating on {len(images)} training images ({calibration})")
+    quantized = quantize_features(features_model, images, calibration)
     int8_x, ok = compute_features(quantized, items, contract.input_size)
     splits = {s: np.flatnonzero((names == s) & ok) for s in ("train", "validation", "test")}
     test = splits["test"]
@@ -132,7 +138,7 @@ def export_int8(
     if not drop <= max_drop:  # NaN-safe: an accuracy that is not a number never passes
         return Int8Result(path, False, float_acc, int8_acc, len(test), f"{summary}: int8 model not written")
     record = {"test_accuracy": round(int8_acc, 6), "float_test_accuracy": round(float_acc, 6), "test_count": len(test)}
-    _write(path, contract, record, quantized, kernel, bias, calibration[:8])
+    _write(path, contract, {**record, "calibration": calibration}, quantized, kernel, bias, images[:8])
     return Int8Result(path, True, float_acc, int8_acc, len(test), f"{summary}: wrote {path}")
 
 

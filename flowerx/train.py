@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +40,9 @@ from .data import Dataset, Distortion, ImageItem, discover, prepare_image, split
 from .errors import FlowerxError, ImageError
 from .events import QUIET, Events
 from .fileio import atomic_write, check_folder, check_outputs
-from .finetune import FineTuneConfig, FineTuneResult, cut_layer, fine_tune
+from .finetune import FineTuneConfig, FineTuneResult, OverBudget, all_blocks, cut_layer, fine_tune
 from .head import HeadConfig, predict_logits, sample, train_head
-from .quantize import Int8Result, export_int8, int8_path
+from .quantize import CALIBRATIONS, Int8Result, export_int8, int8_path
 
 
 def _option(default, help: str, group: str, **more) -> object:
@@ -123,18 +123,36 @@ class TrainConfig:
     )
     # fine-tuning
     fine_tune_blocks: int = _option(
-        0,
-        "after the head, also train the network's top N blocks on fresh distorted "
-        "views (0: head only; MobileNet 1-13, 13 = all; Inception V3 1-10)",
+        -1,
+        "after the head, also train the network's top N blocks on fresh distorted views (MobileNet 1-13, "
+        "13 = all; Inception V3 1-10; 0: head only; -1: all of them when the run fits --time-budget)",
+        "fine-tuning",
+    )
+    head_only: bool = _option(
+        False, "train the new softmax layer only, as retrain.py did (--fine-tune-blocks 0)", "fine-tuning"
+    )
+    time_budget: float = _option(
+        300.0,
+        "seconds the whole run may take: with --fine-tune-blocks -1, fine-tuning runs when the estimate from "
+        "its first steps fits, else the head alone is kept",
         "fine-tuning",
     )
     fine_tune_learning_rate: float = _option(
         0.0001, "Adam learning rate of fine-tuning (cosine-decayed over the epochs)", "fine-tuning"
     )
     fine_tune_epochs: int = _option(
-        12,
+        6,
         "fine-tuning epochs at most (early stopping on validation accuracy, patience 3 counted from half of them)",
         "fine-tuning",
+    )
+    fine_tune_low_res: int = _option(
+        160,
+        "progressive resizing: train the early fine-tuning epochs on views of this side in pixels (half the cost "
+        "at 160 for a 224 network; 0, or one not below the network's: every epoch at the network's size)",
+        "fine-tuning",
+    )
+    fine_tune_full_res_epochs: int = _option(
+        2, "with --fine-tune-low-res: the last epochs that train at the network's own size", "fine-tuning"
     )
     # int8
     quantize: str = _option(
@@ -145,6 +163,13 @@ class TrainConfig:
     )
     max_accuracy_drop: float = _option(
         1.0, "with --quantize int8: points of test accuracy the int8 model may lose, else it is not written", "int8"
+    )
+    int8_calibration: str = _option(
+        "minmax",
+        "with --quantize int8: activation ranges from the extremes, or a percentile (99.999) or entropy of "
+        "histograms built batch by batch",
+        "int8",
+        choices=CALIBRATIONS,
     )
     # output
     output_graph: str = _option("model.onnx", "where to write the trained ONNX model", "output")
@@ -199,10 +224,16 @@ class TrainConfig:
         for name in ("random_crop", "random_scale", "random_brightness"):
             if not 0 <= getattr(self, name) < 100:
                 raise FlowerxError(f"--{_flag(name)} must be a percentage in [0, 100)")
-        if self.fine_tune_blocks < 0 or self.fine_tune_epochs < 1 or self.fine_tune_learning_rate <= 0:
+        if self.fine_tune_blocks < -1 or self.fine_tune_epochs < 1 or self.fine_tune_learning_rate <= 0:
             raise FlowerxError(
-                "--fine-tune-blocks must be >= 0, --fine-tune-epochs and --fine-tune-learning-rate positive"
+                "--fine-tune-blocks must be >= -1, --fine-tune-epochs and --fine-tune-learning-rate positive"
             )
+        if self.time_budget <= 0:
+            raise FlowerxError(f"--time-budget must be positive seconds, got {self.time_budget:g}")
+        if self.fine_tune_low_res and self.fine_tune_low_res < 96 or self.fine_tune_low_res < 0:
+            raise FlowerxError(f"--fine-tune-low-res must be 0 or at least 96 pixels, got {self.fine_tune_low_res}")
+        if not 1 <= self.fine_tune_full_res_epochs <= self.fine_tune_epochs:
+            raise FlowerxError("--fine-tune-full-res-epochs must be in 1 to --fine-tune-epochs")
         if self.distorted_views < 1:
             raise FlowerxError("--distorted-views must be at least 1")
         if self.quantize not in ("none", "int8"):
@@ -242,6 +273,8 @@ class TrainConfig:
             self.fine_tune_epochs,
             distortion=self.distortion,
             seed=self.seed,
+            low_res=self.fine_tune_low_res,
+            full_res_epochs=self.fine_tune_full_res_epochs,
         )
 
     @property
@@ -326,6 +359,7 @@ class TrainResult:
     timings: dict[str, float] = field(default_factory=dict)
     misclassified: list[tuple[str, str, str]] = field(default_factory=list)  # (relpath, predicted, true)
     fine_tune: dict | None = None  # kept epoch, epochs run, resumed, ... when fine-tuning
+    head_only_why: str = ""  # why the run kept the head alone when --fine-tune-blocks -1 let it choose
     split_by_folders: bool = False  # the image dir's train/, val/, test/ folders gave the split
     int8: Int8Result | None = None  # when --quantize int8
 
@@ -445,6 +479,7 @@ def _pass(
     )
 
 
+EXPORT_RESERVE_S = 15  # --time-budget keeps this for the export after fine-tuning (about 5-10 s here)
 MIN_SPLIT = 20  # a validation or test split smaller than this gets a warning: one image moves it 5+ points
 # where things are (or ran, or how the cache stores them), not the model
 NOT_RECORDED = ("image_dir", "model_dir", "bottleneck_dir", "cache_format", "ray")
@@ -462,6 +497,7 @@ class _Job:
     networks: _Networks
     summary_dir: Path | None = None  # this run's TensorBoard folder, made when the head starts training
     timings: dict[str, float] = field(default_factory=dict)
+    deadline: float | None = None  # --fine-tune-blocks -1: a time.perf_counter() the run must end by
 
     @contextmanager
     def timed(self, name: str):
@@ -475,17 +511,28 @@ def run(cfg: TrainConfig, events: Events = QUIET) -> TrainResult:
     (fine-tuning) -> test accuracy -> ONNX export -> (int8). Reports through events; never prints."""
     start = time.perf_counter()
     job = _prepare(cfg, events)
+    cfg = job.cfg  # --fine-tune-blocks -1 and --head-only resolved
     with job.timed("bottlenecks_s"):
         features, ok, stats = _bottlenecks(job)
     labels = np.array([item.label for item in job.dataset.items])
     splits = _split(job, labels, ok)
+    head_only_why = _head_only_why(job, splits, start)
+    if head_only_why:
+        cfg = job.cfg = replace(cfg, fine_tune_blocks=0)
     kernel, bias, val_acc = _head(job, features, labels, splits)
     test_idx = sample(splits["test"], cfg.test_batch_size, np.random.default_rng(cfg.seed + 1))
     predicted = predict_logits(features, test_idx, kernel, bias).argmax(1)
     tuned, features_proto = None, None  # the cached features.onnx, unless fine-tuning changed the network
     if cfg.fine_tune_blocks:
-        tuned, features_proto = _fine_tune(job, labels, {**splits, "test": test_idx}, kernel, bias)
-        kernel, bias, val_acc, predicted = tuned.kernel, tuned.bias, tuned.validation_accuracy, tuned.test_predictions
+        tuned, features_proto, head_only_why = _fine_tune(job, labels, {**splits, "test": test_idx}, kernel, bias)
+        if tuned is not None:
+            kernel, bias, val_acc, predicted = (
+                tuned.kernel,
+                tuned.bias,
+                tuned.validation_accuracy,
+                tuned.test_predictions,
+            )
+        cfg = job.cfg  # no blocks fine-tuned when the estimate did not fit --time-budget
     test_acc = float((predicted == labels[test_idx]).mean()) if len(test_idx) else float("nan")
     result = TrainResult(
         architecture=job.arch.name,
@@ -505,6 +552,7 @@ def run(cfg: TrainConfig, events: Events = QUIET) -> TrainResult:
             if p != labels[i]
         ],
         fine_tune=_fine_tune_record(cfg, tuned),
+        head_only_why=head_only_why,
         split_by_folders=job.dataset.presplit,
     )
     with job.timed("export_s"):
@@ -512,8 +560,9 @@ def run(cfg: TrainConfig, events: Events = QUIET) -> TrainResult:
     if cfg.quantize == "int8":
         with job.timed("int8_s"):
             result.int8 = export_int8(
-                cfg.output_graph, cfg.image_dir, cfg.max_accuracy_drop, events, cfg.head, cfg.follow_links
-            )
+                cfg.output_graph, cfg.image_dir, cfg.max_accuracy_drop, events, cfg.head, cfg.follow_links,
+                calibration=cfg.int8_calibration,
+            )  # fmt: skip
     job.timings["total_s"] = time.perf_counter() - start
     return result
 
@@ -522,6 +571,10 @@ def _prepare(cfg: TrainConfig, events: Events) -> _Job:
     """Everything that can fail fast, before any long work: settings, output paths, data, weights."""
     cfg.check()
     arch = get_architecture(cfg.architecture)
+    if cfg.head_only and cfg.fine_tune_blocks > 0:
+        raise FlowerxError(f"--head-only and --fine-tune-blocks {cfg.fine_tune_blocks} contradict each other")
+    auto = cfg.fine_tune_blocks == -1 and not cfg.head_only
+    cfg = replace(cfg, fine_tune_blocks=all_blocks(arch) if auto else 0 if cfg.head_only else cfg.fine_tune_blocks)
     if cfg.fine_tune_blocks:
         cut_layer(arch, cfg.fine_tune_blocks)  # an impossible block count fails now, not after the bottlenecks
     cfg.check_paths()
@@ -540,7 +593,8 @@ def _prepare(cfg: TrainConfig, events: Events) -> _Job:
     cache = open_cache(cfg.bottleneck_dir, arch, weights_fingerprint(weights), len(dataset.items), cfg.cache_format)
     events.detail(f"weights {weights}; bottleneck cache {cache.dir} ({'shards' if cache.sharded else 'files'})")
     networks = _Networks(arch, weights, cache, dataset.items, events)
-    return _Job(cfg, events, arch, dataset, cache, networks)
+    deadline = time.perf_counter() + cfg.time_budget - EXPORT_RESERVE_S if auto else None
+    return _Job(cfg, events, arch, dataset, cache, networks, deadline=deadline)
 
 
 def _on_ray(job: _Job, title: str, items: Sequence[ImageItem], view=None) -> list | None:
@@ -609,10 +663,25 @@ def _split(job: _Job, labels: np.ndarray, ok: np.ndarray) -> dict[str, np.ndarra
                 else f"no {name} images"
                 + (f" (no {'val' if name == 'validation' else name}/ folder)" if dataset.presplit else "")
             )
-    if cfg.fine_tune_blocks and not len(splits["validation"]):
+    if cfg.fine_tune_blocks and not len(splits["validation"]) and job.deadline is None:
         need = "a val/ folder" if dataset.presplit else "--validation-percentage > 0"
         raise FlowerxError(f"fine-tuning stops early on validation accuracy: it needs {need}")
     return splits
+
+
+def _head_only_why(job: _Job, splits: dict[str, np.ndarray], start: float) -> str:
+    """With --fine-tune-blocks -1: why this run cannot fine-tune ("" when it may try: its first steps then
+    estimate whether it fits --time-budget)."""
+    if job.deadline is None or not job.cfg.fine_tune_blocks:
+        return ""
+    why = ""
+    if len(splits["validation"]) < MIN_SPLIT:
+        why = f"{len(splits['validation'])} validation images, too few to choose a fine-tuned epoch on"
+    elif time.perf_counter() >= job.deadline:
+        why = f"--time-budget {job.cfg.time_budget:g} s already spent ({time.perf_counter() - start:.0f} s)"
+    if why:
+        job.events.info(f"Training the head alone: {why}")
+    return why
 
 
 def _head(
@@ -664,7 +733,8 @@ def _with_views(
 
 def _fine_tune(job: _Job, labels: np.ndarray, splits: dict[str, np.ndarray], kernel: np.ndarray, bias: np.ndarray):
     """Fine-tune the top blocks on fresh views of the images; returns (FineTuneResult, the tuned feature
-    network as ONNX, or None when no epoch beat the head alone)."""
+    network as ONNX or None when no epoch beat the head alone, ""), or (None, None, why) when the first steps'
+    estimate did not fit --time-budget (job.cfg then says no blocks were fine-tuned)."""
     from exporters.onnx_export import keras_to_onnx
 
     cfg, networks, events = job.cfg, job.networks, job.events
@@ -676,31 +746,38 @@ def _fine_tune(job: _Job, labels: np.ndarray, splits: dict[str, np.ndarray], ker
         cfg.distortion.id,
         cfg.distorted_views,
     ]  # the head's starting point, part of the checkpoint's key
-    with job.timed("fine_tune_s"):
-        tuned = fine_tune(
-            networks.base(),
-            networks.keras(),
-            job.arch,
-            cfg.fine_tune,
-            job.dataset.items,
-            labels,
-            splits,
-            kernel,
-            bias,
-            checkpoint,
-            events,
-            job.summary_dir,
-            key_parts={"head": head_key},
-        )
+    try:
+        with job.timed("fine_tune_s"):
+            tuned = fine_tune(
+                networks.base(),
+                job.arch,
+                cfg.fine_tune,
+                job.dataset.items,
+                labels,
+                splits,
+                kernel,
+                bias,
+                checkpoint,
+                events,
+                job.summary_dir,
+                key_parts={"head": head_key},
+                deadline=job.deadline,
+            )
+    except OverBudget as e:
+        left = f"{max(0, e.left_s):.0f} s of --time-budget {cfg.time_budget:g} left"
+        why = f"fine-tuning would take about {e.estimate_s:.0f} s more, {left}"
+        job.cfg = replace(cfg, fine_tune_blocks=0)
+        events.info(f"Kept the head alone: {why} (--fine-tune-blocks {all_blocks(job.arch)} fine-tunes anyway)")
+        return None, None, why
     seconds = job.timings["fine_tune_s"]
     if tuned.epochs:
         events.info(
             f"Fine-tuned the top {cfg.fine_tune_blocks} block(s): kept epoch {tuned.epochs} (validation "
             f"accuracy {tuned.validation_accuracy * 100:.1f}%, {seconds:.1f} s)"
         )
-        return tuned, keras_to_onnx(networks.keras(), job.arch.input_size, output=FEATURES)
+        return tuned, keras_to_onnx(networks.keras(), job.arch.input_size, output=FEATURES), ""
     events.info(f"Fine-tuning never beat the head alone on validation accuracy: kept the head alone ({seconds:.1f} s)")
-    return tuned, None
+    return tuned, None, ""
 
 
 def _fine_tune_record(cfg: TrainConfig, tuned: FineTuneResult | None) -> dict | None:
@@ -712,6 +789,10 @@ def _fine_tune_record(cfg: TrainConfig, tuned: FineTuneResult | None) -> dict | 
         "epochs_run": len(tuned.history),
         "learning_rate": cfg.fine_tune_learning_rate,
         "distortion": tuned.distortion,
+        "epoch_sizes": [record["size"] for record in tuned.history],  # side of the training views, per epoch
+        # --fine-tune-blocks -1: the epochs' time as estimated after the first steps, and as it was
+        "estimated_s": tuned.history[0].get("estimated_s") if tuned.history else None,
+        "epochs_s": _rounded(sum(record["seconds"] for record in tuned.history)),
         "resumed": tuned.resumed,
         "validation_accuracy": _rounded(tuned.validation_accuracy),
         # the recipe's fixed settings, recorded with the model like the flags

@@ -7,6 +7,7 @@ import pytest
 from conftest import DAISY, run_cli, small_train_args, subset
 
 from flowerx import Predictor
+from flowerx.finetune import FineTuneConfig, estimate_s
 
 
 def train(shared, data, work, *extra):
@@ -66,7 +67,7 @@ def test_fine_tuning_exports_the_tuned_network_with_the_same_contract(shared, tm
     assert tuned.predict(shared / DAISY)[0][0] == "daisy"
     # Tuned for some epochs: the exported network differs from the frozen one. Zero epochs (fine-tuning never
     # beat the head on validation): the head-only model is kept, identical.
-    head_only = train(shared, data, tmp_path / "plain")
+    head_only = train(shared, data, tmp_path / "plain", "--head-only")
     assert head_only.returncode == 0
     same = Predictor(tmp_path / "plain" / "model.onnx").predict(shared / DAISY) == tuned.predict(shared / DAISY)
     assert same == (epochs == 0), (epochs, result.stdout)
@@ -119,3 +120,54 @@ def test_interrupted_fine_tuning_resumes_at_its_next_epoch(shared, tmp_path):
     first = re.search(r"Fine-tune epoch +(\d+)/6", rerun.stdout)
     assert done >= 1 and (first is None or int(first.group(1)) == done + 1), rerun.stdout
     assert Predictor(tmp_path / "model.onnx").predict(shared / DAISY)[0][0] == "daisy"
+
+
+def test_the_estimate_scales_steps_by_pixels_and_adds_validation():
+    cfg = FineTuneConfig(13, max_epochs=3, low_res=160, full_res_epochs=1)
+    assert [cfg.size(e, 224) for e in (1, 2, 3)] == [160, 160, 224]
+    # 5 steps left of epoch 1, epoch 2 at 160 (10 steps), epoch 3 at 224 (10 steps, 1.96x the pixels)
+    assert estimate_s(cfg, 1.0, 160, 224, 5, 10, 0, 1) == pytest.approx(5 + 10 + 10 * 1.96)
+    # 96 validation images a full-size epoch: a third of 3 full-size steps' cost, after each of the 3 epochs
+    assert estimate_s(cfg, 1.0, 160, 224, 0, 0, 96, 1) == pytest.approx(3 * 1.96 * 96 / 32 / 3)
+    assert cfg.first_kept_epoch(224) == 3  # a network trained on smaller views is not kept
+    assert FineTuneConfig(13, max_epochs=3).size(1, 224) == 224  # no low_res: every epoch full size
+    assert cfg.size(1, 128) == 128 and cfg.first_kept_epoch(128) == 1  # low_res not below the network's
+
+
+@pytest.mark.slow
+def test_the_default_fine_tunes_when_the_estimate_fits_the_time_budget(shared, tmp_path):
+    data = subset(shared, tmp_path / "data", per_class=110)  # 7 training steps an epoch: enough to estimate
+
+    def default(*extra: str) -> dict:
+        out = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
+        args = [*small_train_args(shared, data, tmp_path, out / "model.onnx"), "--json", str(out / "r.json")]
+        done = run_cli(*args, "--validation-percentage", "20", *extra)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return {"stdout": done.stdout, **json.loads((out / "r.json").read_text())}
+
+    quick = ("--fine-tune-epochs", "2", "--fine-tune-low-res", "128", "--fine-tune-full-res-epochs", "1")
+    fits = default(*quick)
+    assert fits["fine_tune"]["blocks"] == 13 and fits["head_only_why"] == ""
+    assert fits["fine_tune"]["epoch_sizes"] == [128, 224]  # progressive resizing: the last epoch full size
+    long = default("--fine-tune-epochs", "1000", "--time-budget", "60")  # after 6 steps: far over the budget
+    assert long["fine_tune"] is None and "fine-tuning would take about" in long["head_only_why"]
+    assert "Kept the head alone: fine-tuning would take about" in long["stdout"]
+    few = default(*quick, "--validation-percentage", "3")  # the last --validation-percentage wins
+    assert few["fine_tune"] is None and "validation images, too few" in few["head_only_why"]
+    plain = default("--head-only")
+    assert plain["fine_tune"] is None and plain["head_only_why"] == "" and "Fine-tune" not in plain["stdout"]
+    assert json.loads(Predictor(tmp_path / "run3" / "model.onnx").metadata["training"])["fine_tune_blocks"] == 0
+    both = run_cli(*small_train_args(shared, data, tmp_path), "--head-only", "--fine-tune-blocks", "3")
+    assert both.returncode == 2 and "contradict" in both.stderr and "Traceback" not in both.stderr
+
+
+@pytest.mark.slow
+def test_the_same_seed_and_data_give_the_same_fine_tuned_model(shared, tmp_path):
+    data = subset(shared, tmp_path / "data", per_class=15)
+    options = ("--fine-tune-blocks", "13", "--fine-tune-epochs", "2", "--fine-tune-full-res-epochs", "1")
+    for name in ("a", "b"):  # two graph names: two checkpoints, so the second run trains again
+        done = train(shared, data, tmp_path, *options, "--output-graph", str(tmp_path / f"{name}.onnx"))
+        assert done.returncode == 0 and "Fine-tune epoch  2/2" in done.stdout, done.stdout + done.stderr
+    a, b = (Predictor(tmp_path / f"{name}.onnx") for name in ("a", "b"))
+    images = sorted(data.rglob("*.jpg"))[::4]
+    assert a.probabilities(images).tolist() == b.probabilities(images).tolist()

@@ -22,6 +22,8 @@ def test_quantize_int8_writes_a_faithful_smaller_model_or_refuses(shared, tmp_pa
         "int8",
         "--max-accuracy-drop",
         "100",
+        "--int8-calibration",
+        "percentile",
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"int8 test accuracy [\d.]+% vs float [\d.]+% \(N=\d+, drop -?[\d.]+ points", result.stdout)
@@ -29,6 +31,7 @@ def test_quantize_int8_writes_a_faithful_smaller_model_or_refuses(shared, tmp_pa
     fp32, q = Predictor(graph), Predictor(int8)
     assert q.labels == fp32.labels and q.input_size == fp32.input_size == 224
     assert "int8" in q.metadata["quantization"] and json.loads(q.metadata["training"])["float_test_accuracy"] >= 0
+    assert json.loads(q.metadata["training"])["calibration"] == "percentile"
     assert int8.stat().st_size < graph.stat().st_size * 0.6  # int8 weights (the small net's graph overhead stays)
     images = [p for p in sorted(data.rglob("*.jpg"))[::5]]
     agree = np.mean([fp32.predict(p)[0][0] == q.predict(p)[0][0] for p in images])
@@ -39,13 +42,25 @@ def test_quantize_int8_writes_a_faithful_smaller_model_or_refuses(shared, tmp_pa
     assert refused.returncode == 1 and "int8 model not written" in refused.stderr and "Traceback" not in refused.stderr
 
 
-def test_calibration_uses_every_batch(tmp_path):
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
+def test_calibration_uses_every_batch(tmp_path, method, monkeypatch):
     """onnxruntime 1.32 drops batches at CalibMaxIntermediateOutputs without folding them into the ranges
-    (and fails on an even number of batches): flowerx must calibrate on all of its images."""
+    (and fails on an even number of batches): flowerx must calibrate on all of its images. The histogram
+    methods see them one batch at a time (onnxruntime would hold every activation of every image)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import calibrate
 
     from exporters.int8 import quantize_features
+
+    batches = []
+    collect = calibrate.HistogramCalibrater.collect_data
+
+    def counted(self, reader):
+        batches.append(1)
+        return collect(self, reader)
+
+    monkeypatch.setattr(calibrate.HistogramCalibrater, "collect_data", counted)
 
     weights = numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
     graph = helper.make_graph(
@@ -64,7 +79,8 @@ def test_calibration_uses_every_batch(tmp_path):
     model.ir_version = 8
     bright = np.full((8, 8, 8, 3), 250, np.uint8)  # only the first of two batches is bright
     dark = np.random.default_rng(1).integers(0, 10, (8, 8, 8, 3), dtype=np.uint8)
-    quantized = onnx.load_from_string(quantize_features(model, np.concatenate([bright, dark])))
+    quantized = onnx.load_from_string(quantize_features(model, np.concatenate([bright, dark]), method))
+    assert len(batches) == (0 if method == "minmax" else 2)  # streamed: one call per batch of 8
     scales = {i.name: numpy_helper.to_array(i) for i in quantized.graph.initializer if i.name.endswith("_scale")}
     scale = next(float(v) for k, v in scales.items() if k.startswith("nchw") or k.startswith("x_"))
     assert scale > 250 / 255 * 0.9, scales  # the bright batch counted (alone, the dark one gives ~10/255)
