@@ -40,7 +40,7 @@ from .data import Dataset, Distortion, ImageItem, discover, prepare_image, split
 from .errors import FlowerxError, ImageError
 from .events import QUIET, Events
 from .fileio import atomic_write, check_folder, check_outputs
-from .finetune import FineTuneConfig, FineTuneResult, OverBudget, all_blocks, cut_layer, fine_tune
+from .finetune import FineTuneConfig, FineTuneResult, OverBudget, all_blocks, cut_layer, fine_tune, recipe
 from .head import HeadConfig, predict_logits, sample, train_head
 from .quantize import CALIBRATIONS, Int8Result, export_int8, int8_path
 
@@ -141,14 +141,16 @@ class TrainConfig:
         0.0001, "Adam learning rate of fine-tuning (cosine-decayed over the epochs)", "fine-tuning"
     )
     fine_tune_epochs: int = _option(
-        6,
-        "fine-tuning epochs at most (early stopping on validation accuracy, patience 3 counted from half of them)",
+        0,
+        "fine-tuning epochs at most (early stopping on validation accuracy, patience 3 counted from half of them; "
+        "0: the architecture's recipe, 6 with --fine-tune-low-res, else 12)",
         "fine-tuning",
     )
     fine_tune_low_res: int = _option(
-        160,
+        -1,
         "progressive resizing: train the early fine-tuning epochs on views of this side in pixels (half the cost "
-        "at 160 for a 224 network; 0, or one not below the network's: every epoch at the network's size)",
+        "at 160 for a 224 network; 0, or one not below the network's: every epoch at the network's size; -1: "
+        "160 for MobileNet widths 0.75-1.0 at 192-224 pixels and Inception V3, else 0)",
         "fine-tuning",
     )
     fine_tune_full_res_epochs: int = _option(
@@ -224,16 +226,16 @@ class TrainConfig:
         for name in ("random_crop", "random_scale", "random_brightness"):
             if not 0 <= getattr(self, name) < 100:
                 raise FlowerxError(f"--{_flag(name)} must be a percentage in [0, 100)")
-        if self.fine_tune_blocks < -1 or self.fine_tune_epochs < 1 or self.fine_tune_learning_rate <= 0:
+        if self.fine_tune_blocks < -1 or self.fine_tune_epochs < 0 or self.fine_tune_learning_rate <= 0:
             raise FlowerxError(
-                "--fine-tune-blocks must be >= -1, --fine-tune-epochs and --fine-tune-learning-rate positive"
+                "--fine-tune-blocks must be >= -1, --fine-tune-epochs >= 0, --fine-tune-learning-rate positive"
             )
         if self.time_budget <= 0:
             raise FlowerxError(f"--time-budget must be positive seconds, got {self.time_budget:g}")
-        if self.fine_tune_low_res and self.fine_tune_low_res < 96 or self.fine_tune_low_res < 0:
-            raise FlowerxError(f"--fine-tune-low-res must be 0 or at least 96 pixels, got {self.fine_tune_low_res}")
-        if not 1 <= self.fine_tune_full_res_epochs <= self.fine_tune_epochs:
-            raise FlowerxError("--fine-tune-full-res-epochs must be in 1 to --fine-tune-epochs")
+        if self.fine_tune_low_res not in (-1, 0) and self.fine_tune_low_res < 96:
+            raise FlowerxError(f"--fine-tune-low-res must be -1, 0 or at least 96 pixels, got {self.fine_tune_low_res}")
+        if not 1 <= self.fine_tune_full_res_epochs <= (self.fine_tune_epochs or 6):
+            raise FlowerxError("--fine-tune-full-res-epochs must be in 1 to --fine-tune-epochs (6 by default)")
         if self.distorted_views < 1:
             raise FlowerxError("--distorted-views must be at least 1")
         if self.quantize not in ("none", "int8"):
@@ -265,15 +267,16 @@ class TrainConfig:
     def distortion(self) -> Distortion:
         return Distortion(self.flip_left_right, self.random_crop, self.random_scale, self.random_brightness)
 
-    @property
-    def fine_tune(self) -> FineTuneConfig:
+    def fine_tune(self, arch: Architecture) -> FineTuneConfig:
+        """The fine-tuning settings for arch: the flags, with the architecture's recipe where they say auto."""
+        epochs, low_res = recipe(arch)
         return FineTuneConfig(
             self.fine_tune_blocks,
             self.fine_tune_learning_rate,
-            self.fine_tune_epochs,
+            self.fine_tune_epochs or epochs,
             distortion=self.distortion,
             seed=self.seed,
-            low_res=self.fine_tune_low_res,
+            low_res=low_res if self.fine_tune_low_res < 0 else self.fine_tune_low_res,
             full_res_epochs=self.fine_tune_full_res_epochs,
         )
 
@@ -551,7 +554,7 @@ def run(cfg: TrainConfig, events: Events = QUIET) -> TrainResult:
             for i, p in zip(test_idx, predicted)
             if p != labels[i]
         ],
-        fine_tune=_fine_tune_record(cfg, tuned),
+        fine_tune=_fine_tune_record(cfg, job.arch, tuned),
         head_only_why=head_only_why,
         split_by_folders=job.dataset.presplit,
     )
@@ -751,7 +754,7 @@ def _fine_tune(job: _Job, labels: np.ndarray, splits: dict[str, np.ndarray], ker
             tuned = fine_tune(
                 networks.base(),
                 job.arch,
-                cfg.fine_tune,
+                cfg.fine_tune(job.arch),
                 job.dataset.items,
                 labels,
                 splits,
@@ -780,9 +783,10 @@ def _fine_tune(job: _Job, labels: np.ndarray, splits: dict[str, np.ndarray], ker
     return tuned, None, ""
 
 
-def _fine_tune_record(cfg: TrainConfig, tuned: FineTuneResult | None) -> dict | None:
+def _fine_tune_record(cfg: TrainConfig, arch: Architecture, tuned: FineTuneResult | None) -> dict | None:
     if tuned is None:
         return None
+    ft = cfg.fine_tune(arch)
     return {
         "blocks": cfg.fine_tune_blocks,
         "kept_epoch": tuned.epochs,
@@ -795,8 +799,9 @@ def _fine_tune_record(cfg: TrainConfig, tuned: FineTuneResult | None) -> dict | 
         "epochs_s": _rounded(sum(record["seconds"] for record in tuned.history)),
         "resumed": tuned.resumed,
         "validation_accuracy": _rounded(tuned.validation_accuracy),
-        # the recipe's fixed settings, recorded with the model like the flags
-        **{k: getattr(cfg.fine_tune, k) for k in ("batch_size", "label_smoothing", "ema_decay", "patience")},
+        # the recipe's settings (the architecture's where the flags said auto), recorded with the model
+        **{k: getattr(ft, k) for k in ("max_epochs", "low_res", "full_res_epochs", "batch_size", "label_smoothing")},
+        **{k: getattr(ft, k) for k in ("ema_decay", "patience")},
     }
 
 

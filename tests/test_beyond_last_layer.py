@@ -7,7 +7,9 @@ import pytest
 from conftest import DAISY, run_cli, small_train_args, subset
 
 from flowerx import Predictor
-from flowerx.finetune import FineTuneConfig, estimate_s
+from flowerx.architectures import get_architecture
+from flowerx.finetune import FineTuneConfig, estimate_s, recipe
+from flowerx.train import TrainConfig
 
 
 def train(shared, data, work, *extra):
@@ -132,6 +134,13 @@ def test_the_estimate_scales_steps_by_pixels_and_adds_validation():
     assert cfg.first_kept_epoch(224) == 3  # a network trained on smaller views is not kept
     assert FineTuneConfig(13, max_epochs=3).size(1, 224) == 224  # no low_res: every epoch full size
     assert cfg.size(1, 128) == 128 and cfg.first_kept_epoch(128) == 1  # low_res not below the network's
+    # The default recipe: progressive resizing where a full-size epoch is costly, 12 full-size epochs elsewhere
+    assert recipe(get_architecture("mobilenet_1.0_224")) == (6, 160) == recipe(get_architecture("inception_v3"))
+    assert recipe(get_architecture("mobilenet_0.25_224")) == (12, 0) == recipe(get_architecture("mobilenet_1.0_128"))
+    small = TrainConfig(image_dir="x").fine_tune(get_architecture("mobilenet_0.25_224"))
+    assert (small.max_epochs, small.low_res) == (12, 0)
+    big = TrainConfig(image_dir="x", fine_tune_epochs=3).fine_tune(get_architecture("mobilenet_1.0_224"))
+    assert (big.max_epochs, big.low_res) == (3, 160)  # a flag given wins over the recipe
 
 
 @pytest.mark.slow
