@@ -27,20 +27,27 @@ from pathlib import Path
 from .architectures import ARCHITECTURES, default_model_dir, get_architecture
 from .errors import FlowerxError
 
-RUNTIMES = ("onnxruntime", "tensorflow", "litert", "litert-int8")
+RUNTIMES = ("onnxruntime", "openvino", "openvino-bf16", "tensorflow", "litert", "litert-int8")
+OPENVINO_RUNTIMES = ("openvino", "openvino-bf16")  # flowerx's Predictor on onnxruntime-openvino's provider
 RUNTIME_MODULE = {
     "onnxruntime": "onnxruntime",
+    "openvino": "onnxruntime",
+    "openvino-bf16": "onnxruntime",
     "tensorflow": "tensorflow",
     "litert": "ai_edge_litert",
     "litert-int8": "ai_edge_litert",
 }
 RUNTIME_FILE = {
     "onnxruntime": "model.onnx",
+    "openvino": "model.onnx",
+    "openvino-bf16": "model.onnx",
     "tensorflow": "savedmodel",
     "litert": "model.tflite",
     "litert-int8": "model.int8.tflite",  # LiteRT's own full-integer model, the fair match for flowerx's int8
 }
 INSTALL_HINT = {
+    "openvino": "pip install onnxruntime-openvino in place of onnxruntime",
+    "openvino-bf16": "pip install onnxruntime-openvino in place of onnxruntime",
     "tensorflow": "pip install 'flowerx[train]'",
     "litert": "pip install 'flowerx[bench]'",
     "litert-int8": "pip install 'flowerx[bench]'",
@@ -56,7 +63,7 @@ class BenchConfig:
     image_dir: str | None = None  # labelled folder: accuracy column for the trained model
     model_dir: str = str(default_model_dir())  # real weights where present, else random (same latency)
     work_dir: str = ".flowerx/bench"  # prepared models, reused by later runs
-    runtimes: tuple[str, ...] = RUNTIMES
+    runtimes: tuple[str, ...] = field(default_factory=lambda: default_runtimes())
     threads: tuple[int, ...] = (1, os.cpu_count() or 1)
     runs: int = 100  # batch-1 timed runs (at most)
     seconds: float = 3.0  # time budget per batch-1 measurement
@@ -175,6 +182,19 @@ class _Model:
     trained: bool = False
 
 
+def _openvino() -> bool:
+    """Whether onnxruntime here is onnxruntime-openvino (which installs in place of onnxruntime)."""
+    import onnxruntime
+
+    return "OpenVINOExecutionProvider" in onnxruntime.get_available_providers()
+
+
+def default_runtimes() -> tuple[str, ...]:
+    """Every runtime, the OpenVINO rows only where its provider is installed (else they would all say so)."""
+    has = importlib.util.find_spec("onnxruntime") is not None and _openvino()
+    return tuple(r for r in RUNTIMES if has or r not in OPENVINO_RUNTIMES)
+
+
 def _plan_models(cfg: BenchConfig) -> list[_Model]:
     work = Path(cfg.work_dir).expanduser()
     models = []
@@ -234,12 +254,13 @@ def _prepare(model: _Model, cfg: BenchConfig) -> str | None:
 
 def _measure(model: _Model, runtime: str, threads: int, cfg: BenchConfig) -> Row:
     # A trained model's other runtimes run the same network with stand-in weights (same latency).
-    weights = "trained" if model.trained and runtime == "onnxruntime" else model.info.get("weights", "?")
+    ours = runtime == "onnxruntime" or runtime in OPENVINO_RUNTIMES
+    weights = "trained" if model.trained and ours else model.info.get("weights", "?")
     row = Row(model.name, runtime, threads, weights)
-    if importlib.util.find_spec(RUNTIME_MODULE[runtime]) is None:
+    if importlib.util.find_spec(RUNTIME_MODULE[runtime]) is None or (runtime in OPENVINO_RUNTIMES and not _openvino()):
         row.status = f"skipped: {RUNTIME_MODULE[runtime]} not installed ({INSTALL_HINT.get(runtime, '')})"
         return row
-    path = model.onnx if runtime == "onnxruntime" else model.dir / RUNTIME_FILE[runtime]
+    path = model.onnx if ours else model.dir / RUNTIME_FILE[runtime]
     if not path.exists():
         why = model.info.get("prepare_error", "not prepared")
         if runtime == "litert-int8" and model.info.get("int8_tflite", "ok") != "ok":
@@ -432,7 +453,14 @@ def plot(report: BenchReport, path: str | os.PathLike) -> None:
     rows = [r for r in report.rows if r.status == "ok" and r.threads == threads and r.median_ms]
     use_accuracy = any(r.accuracy is not None for r in rows)
     fig, ax = plt.subplots(figsize=(10, 6.5))
-    colours = {"onnxruntime": "tab:blue", "tensorflow": "tab:orange", "litert": "tab:green", "litert-int8": "tab:olive"}
+    colours = {
+        "onnxruntime": "tab:blue",
+        "openvino": "tab:purple",
+        "openvino-bf16": "tab:pink",
+        "tensorflow": "tab:orange",
+        "litert": "tab:green",
+        "litert-int8": "tab:olive",
+    }
     for runtime in RUNTIMES:
         mine = [r for r in rows if r.runtime == runtime and (r.accuracy is not None if use_accuracy else r.macs)]
         if not mine:

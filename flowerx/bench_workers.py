@@ -111,10 +111,10 @@ def _int8_tflite(tf, savedmodel: Path, images: np.ndarray) -> bytes:
 
 def _load(runtime: str, path: Path, threads: int, size: int):
     """(predict(batch) -> probs, file size in bytes) for one runtime."""
-    if runtime == "onnxruntime":
+    if runtime in ("onnxruntime", "openvino", "openvino-bf16"):
         from flowerx.predictor import Predictor
 
-        predictor = Predictor(path, providers="cpu", threads=threads)
+        predictor = Predictor(path, providers="cpu" if runtime == "onnxruntime" else runtime, threads=threads)
         return predictor.probabilities, path.stat().st_size
     if runtime == "tensorflow":
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -215,7 +215,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--graph")
     p.add_argument("--classes", type=int, default=5)
     m = sub.add_parser("measure")
-    m.add_argument("--runtime", required=True, choices=["onnxruntime", "tensorflow", "litert", "litert-int8"])
+    m.add_argument(
+        "--runtime",
+        required=True,
+        choices=["onnxruntime", "openvino", "openvino-bf16", "tensorflow", "litert", "litert-int8"],
+    )
     m.add_argument("--model", required=True)
     m.add_argument("--size", type=int, required=True)
     m.add_argument("--threads", type=int, default=1)

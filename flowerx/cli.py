@@ -330,7 +330,12 @@ def _add_bench(sub, common, full: bool = True) -> None:
     p.add_argument(
         "--work-dir", default=".flowerx/bench", help="where prepared models are kept (default: .flowerx/bench)"
     )
-    p.add_argument("--runtimes", nargs="+", choices=RUNTIMES, help="runtimes to time (default: all)")
+    p.add_argument(
+        "--runtimes",
+        nargs="+",
+        choices=RUNTIMES,
+        help="runtimes to time (default: all; openvino and openvino-bf16 where onnxruntime-openvino is installed)",
+    )
     p.add_argument("--threads", nargs="+", type=int, help="thread counts (default: 1 and all cores)")
     p.add_argument("--runs", type=int, help="batch-1 runs per measurement, at most (default: 100)")
     p.add_argument("--seconds", type=float, help="time budget per batch-1 measurement (default: 3)")

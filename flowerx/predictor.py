@@ -214,6 +214,8 @@ class Predictor:
         if providers == "auto":  # CUDA, else OpenVINO (fp32), else the CPU: what is installed
             chosen = "cuda" if "CUDAExecutionProvider" in available else "openvino" if OPENVINO in available else "cpu"
         wanted = PROVIDERS[chosen]
+        if chosen.startswith("openvino") and threads:  # OpenVINO ignores onnxruntime's thread count: its own option
+            wanted = [(OPENVINO, {**wanted[0][1], "num_of_threads": str(threads)}), *wanted[1:]]
         try:
             self.session = _load_session(self.path, threads, wanted)
         except Exception as e:  # onnxruntime raises its own types for bad files

@@ -6,6 +6,8 @@ import re
 import pytest
 from conftest import run_cli
 
+from flowerx import bench
+
 pytest.importorskip("tensorflow")
 
 
@@ -31,7 +33,8 @@ def test_bench_quick_json(tmp_path):
     report = json.loads(out.read_text())
     assert report["machine"]["cores"] >= 1 and report["machine"]["versions"]["onnxruntime"]
     rows = {r["runtime"]: r for r in report["rows"]}
-    assert set(rows) == {"onnxruntime", "tensorflow", "litert", "litert-int8"}
+    openvino = {"openvino", "openvino-bf16"} if bench.OPENVINO_RUNTIMES[0] in bench.default_runtimes() else set()
+    assert set(rows) == {"onnxruntime", "tensorflow", "litert", "litert-int8"} | openvino
     measured = [r for r in report["rows"] if r["status"] == "ok"]
     assert rows["onnxruntime"]["status"] == "ok" and rows["tensorflow"]["status"] == "ok"
     if rows["litert"]["status"] == "ok":  # LiteRT installed: its own full-integer model runs too
@@ -63,3 +66,16 @@ def test_bench_quick_json(tmp_path):
 def test_bench_bad_arguments(tmp_path):
     result = run_cli("bench", "--architectures", "mobilenet_9_224", "--work-dir", str(tmp_path))
     assert result.returncode == 2 and "unknown architecture" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_openvino_rows_run_where_its_provider_is_installed_and_say_so_elsewhere(tmp_path):
+    import onnxruntime
+
+    installed = "OpenVINOExecutionProvider" in onnxruntime.get_available_providers()
+    assert ("openvino" in bench.default_runtimes()) == installed == ("openvino-bf16" in bench.default_runtimes())
+    model = bench._Model("m", "mobilenet_0.25_128", tmp_path, tmp_path / "missing.onnx")
+    row = bench._measure(model, "openvino-bf16", 1, bench.BenchConfig.quick())
+    if not installed:  # asked for by name: a row that says what to install, not a failure
+        assert row.status.startswith("skipped:") and "onnxruntime-openvino" in row.status
+    else:  # installed: it goes on to the model file, which this one lacks
+        assert "no model.onnx" in row.status
