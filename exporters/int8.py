@@ -27,6 +27,14 @@ HISTOGRAMS = {
 CALIBRATIONS = ("minmax", *HISTOGRAMS)
 
 
+def streams_histograms() -> bool:
+    """Whether this onnxruntime's quantize_static can take ranges computed beforehand (calibration_cache_path),
+    which the streamed histogram methods need."""
+    from onnxruntime.quantization import quantize_static
+
+    return "calibration_cache_path" in inspect.signature(quantize_static).parameters
+
+
 def strip_head(model):
     """The feature network of a flowerx model: everything before the `head/` nodes, output = features, its
     input S x S (contract 2's resize and labels output removed)."""
@@ -107,7 +115,7 @@ def quantize_features(features_model, calibration: np.ndarray, method: str = "mi
             quant_pre_process(float_path, pre_path, skip_symbolic_shape=True)  # folds BatchNorm, infers shapes
             streamed, cache = HISTOGRAMS.get(method), None
             if streamed is not None:
-                if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+                if not streams_histograms():
                     raise ExportError(f"--int8-calibration {method} needs onnxruntime 1.32 or later")
                 cache = os.path.join(work, "ranges.json")  # quantize_static reads the ranges from it
                 ranges = _streamed_ranges(

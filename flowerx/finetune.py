@@ -45,7 +45,8 @@ from .parallel import chunked, map_ahead
 DEFAULT_DISTORTION = Distortion(flip_left_right=True, random_scale=15, random_brightness=10)
 CHECKPOINT_VERSION = 2  # 2: images decoded to sRGB
 PREDICT_BATCH = 64
-# With a time budget, the first steps are timed (after WARMUP_STEPS, which trace the graph) to estimate the run.
+# With a time budget, the first steps are timed (after WARMUP_STEPS, which trace the graph) to estimate the run;
+# an epoch of WARMUP_STEPS steps or fewer (64 training images) is not estimated.
 WARMUP_STEPS, PROBE_STEPS = 2, 4
 
 
@@ -296,6 +297,8 @@ def _epoch(
     order = order[: steps * cfg.batch_size] if len(order) >= cfg.batch_size else order
     losses, correct, estimate = [], 0.0, None
     seed, size = _seed(rng_seed, epoch, 1), cfg.size(epoch, tuner.size)
+    batches_in_epoch = -(-len(order) // cfg.batch_size)
+    probe_at = min(WARMUP_STEPS + PROBE_STEPS, batches_in_epoch)  # a short epoch: time what steps it has
     with _image_batches(items, order, size, cfg.batch_size, cfg.views, seed) as batches:
         for step, (idx, x) in enumerate(batches, 1):
             if step == WARMUP_STEPS + 1:
@@ -303,9 +306,9 @@ def _epoch(
             loss, hits = tuner.step(tf.constant(x), tf.constant(labels[idx], tf.int64))
             losses.append(float(loss))
             correct += float(hits)
-            if deadline is not None and step == WARMUP_STEPS + PROBE_STEPS:
+            if deadline is not None and step == probe_at > WARMUP_STEPS:
                 now = time.perf_counter()
-                step_s, left = (now - probe) / PROBE_STEPS, len(order) // cfg.batch_size - step
+                step_s, left = (now - probe) / (probe_at - WARMUP_STEPS), batches_in_epoch - step
                 to_go = estimate_s(cfg, step_s, size, tuner.size, left, steps, len(splits["validation"]), epoch)
                 estimate = now - t + to_go
                 if now + to_go > deadline:

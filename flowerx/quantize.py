@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from exporters import ExportError
-from exporters.int8 import CALIBRATIONS
+from exporters.int8 import CALIBRATIONS, streams_histograms
 
 from .bottlenecks import stream_session
 from .contract import CONTRACT_VERSION, HEAD_BIAS, HEAD_KERNEL, HEAD_PREFIX, Contract
@@ -99,10 +99,7 @@ def export_int8(
 
     from .predictor import Predictor
 
-    if not math.isfinite(max_drop):  # negative is allowed: the int8 model must then be better by that much
-        raise FlowerxError(f"--max-accuracy-drop must be a finite number, got {max_drop}")
-    if calibration not in CALIBRATIONS:
-        raise FlowerxError(f"--int8-calibration must be one of {', '.join(CALIBRATIONS)}, not {calibration!r}")
+    _check_arguments(max_drop, calibration)
     float_graph = Path(float_graph).expanduser()
     path = int8_path(float_graph)
     check_outputs({"the int8 model": path}, {"--graph": float_graph}, {"image dir": image_dir})
@@ -140,6 +137,16 @@ def export_int8(
     record = {"test_accuracy": round(int8_acc, 6), "float_test_accuracy": round(float_acc, 6), "test_count": len(test)}
     _write(path, contract, {**record, "calibration": calibration}, quantized, kernel, bias, images[:8])
     return Int8Result(path, True, float_acc, int8_acc, len(test), f"{summary}: wrote {path}")
+
+
+def _check_arguments(max_drop: float, calibration: str) -> None:
+    if not math.isfinite(max_drop):  # negative is allowed: the int8 model must then be better by that much
+        raise FlowerxError(f"--max-accuracy-drop must be a finite number, got {max_drop}")
+    if calibration not in CALIBRATIONS or (calibration != "minmax" and not streams_histograms()):
+        raise FlowerxError(
+            f"--int8-calibration {calibration!r}: one of {', '.join(CALIBRATIONS)} (the histogram "
+            "methods need onnxruntime 1.32 or later)"
+        )
 
 
 def _labelled_split(
