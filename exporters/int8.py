@@ -19,12 +19,11 @@ import numpy as np
 from . import ExportError
 from .names import HEAD_MATMUL, HEAD_PREFIX, INPUT, LABELS_PREFIX
 
-# quantize_features' histogram methods: onnxruntime's calibrator and its options
+# quantize_features' histogram methods (names.CALIBRATIONS after "minmax"): onnxruntime's calibrator, options
 HISTOGRAMS = {
     "percentile": ("Percentile", {"percentile": 99.999, "symmetric": False}),
     "entropy": ("Entropy", {}),
 }
-CALIBRATIONS = ("minmax", *HISTOGRAMS)
 
 
 def streams_histograms() -> bool:
@@ -114,9 +113,7 @@ def quantize_features(features_model, calibration: np.ndarray, method: str = "mi
         with contextlib.redirect_stdout(io.StringIO()):  # the calibrator prints its progress
             quant_pre_process(float_path, pre_path, skip_symbolic_shape=True)  # folds BatchNorm, infers shapes
             streamed, cache = HISTOGRAMS.get(method), None
-            if streamed is not None:
-                if not streams_histograms():
-                    raise ExportError(f"--int8-calibration {method} needs onnxruntime 1.32 or later")
+            if streamed is not None:  # flowerx.quantize checked that this onnxruntime can (streams_histograms)
                 cache = os.path.join(work, "ranges.json")  # quantize_static reads the ranges from it
                 ranges = _streamed_ranges(
                     pre_path, calibration, step, getattr(CalibrationMethod, streamed[0]), streamed[1], work

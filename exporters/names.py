@@ -14,3 +14,5 @@ HEAD_ADD = "head/Add"
 HEAD_SOFTMAX = "head/Softmax"
 HEAD_KERNEL = "head/kernel"
 HEAD_BIAS = "head/bias"
+# How an int8 model's activation ranges were calibrated (exporters.int8; recorded in its training metadata)
+CALIBRATIONS = ("minmax", "percentile", "entropy")

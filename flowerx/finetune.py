@@ -43,7 +43,7 @@ from .parallel import chunked, map_ahead
 # No --random-crop: its margin always zooms in (views 1.1-1.2x larger than the test images); --random-scale
 # alone zooms 1.0-1.15x at a random position, closer to what the network sees at test time.
 DEFAULT_DISTORTION = Distortion(flip_left_right=True, random_scale=15, random_brightness=10)
-CHECKPOINT_VERSION = 2  # 2: images decoded to sRGB
+CHECKPOINT_VERSION = 3  # 2: images decoded to sRGB; 3: epochs record their view size, ties go to the later epoch
 PREDICT_BATCH = 64
 # With a time budget, the first steps are timed (after WARMUP_STEPS, which trace the graph) to estimate the run;
 # an epoch of WARMUP_STEPS steps or fewer (64 training images) is not estimated.

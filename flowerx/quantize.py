@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from exporters import ExportError
-from exporters.int8 import CALIBRATIONS, streams_histograms
+from exporters.int8 import streams_histograms
+from exporters.names import CALIBRATIONS
 
 from .bottlenecks import stream_session
 from .contract import CONTRACT_VERSION, HEAD_BIAS, HEAD_KERNEL, HEAD_PREFIX, Contract
@@ -32,7 +33,7 @@ CALIBRATION_IMAGES = 200  # activation ranges come from this many training image
 # --int8-calibration (exporters.int8.quantize_features). Measured on mobilenet_0.25_224 (head only, test split,
 # float 89.0%): minmax 87.1%, percentile 99.999 87.5% (99.99: 87.5, 99.9: 87.1), entropy 87.1%; the histogram
 # methods' peak memory is MinMax's (830 MB), not the 3 GB of onnxruntime's own calibrators.
-QUANTIZATION = "int8 static QDQ, per-channel weights, MinMax-calibrated activations, head re-fitted"
+QUANTIZATION = "int8 static QDQ, per-channel weights, {}-calibrated activations, head re-fitted"
 
 
 @dataclass
@@ -99,7 +100,7 @@ def export_int8(
 
     from .predictor import Predictor
 
-    _check_arguments(max_drop, calibration)
+    check_int8_arguments(max_drop, calibration)
     float_graph = Path(float_graph).expanduser()
     path = int8_path(float_graph)
     check_outputs({"the int8 model": path}, {"--graph": float_graph}, {"image dir": image_dir})
@@ -139,7 +140,8 @@ def export_int8(
     return Int8Result(path, True, float_acc, int8_acc, len(test), f"{summary}: wrote {path}")
 
 
-def _check_arguments(max_drop: float, calibration: str) -> None:
+def check_int8_arguments(max_drop: float, calibration: str) -> None:
+    """--max-accuracy-drop and --int8-calibration, before any work (flowerx train checks them at its start)."""
     if not math.isfinite(max_drop):  # negative is allowed: the int8 model must then be better by that much
         raise FlowerxError(f"--max-accuracy-drop must be a finite number, got {max_drop}")
     if calibration not in CALIBRATIONS or (calibration != "minmax" and not streams_histograms()):
@@ -215,7 +217,10 @@ def _write(
 
     combined = append_head(onnx.load_from_string(quantized), kernel, bias)
     contract = replace(
-        contract, quantization=QUANTIZATION, training={**contract.training, **record}, version=CONTRACT_VERSION
+        contract,
+        quantization=QUANTIZATION.format(record["calibration"]),
+        training={**contract.training, **record},
+        version=CONTRACT_VERSION,
     )
     data = package(combined, contract.description(__version__)).SerializeToString()
     _check_composition(data, quantized, kernel, bias, images)

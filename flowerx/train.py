@@ -42,7 +42,7 @@ from .events import QUIET, Events
 from .fileio import atomic_write, check_folder, check_outputs
 from .finetune import FineTuneConfig, FineTuneResult, OverBudget, all_blocks, cut_layer, fine_tune, recipe
 from .head import HeadConfig, predict_logits, sample, train_head
-from .quantize import CALIBRATIONS, Int8Result, export_int8, int8_path
+from .quantize import CALIBRATIONS, Int8Result, check_int8_arguments, export_int8, int8_path
 
 
 def _option(default, help: str, group: str, **more) -> object:
@@ -234,8 +234,8 @@ class TrainConfig:
             raise FlowerxError(f"--time-budget must be positive seconds, got {self.time_budget:g}")
         if self.fine_tune_low_res not in (-1, 0) and self.fine_tune_low_res < 96:
             raise FlowerxError(f"--fine-tune-low-res must be -1, 0 or at least 96 pixels, got {self.fine_tune_low_res}")
-        if not 1 <= self.fine_tune_full_res_epochs <= (self.fine_tune_epochs or 6):
-            raise FlowerxError("--fine-tune-full-res-epochs must be in 1 to --fine-tune-epochs (6 by default)")
+        if self.quantize == "int8":
+            check_int8_arguments(self.max_accuracy_drop, self.int8_calibration)
         if self.distorted_views < 1:
             raise FlowerxError("--distorted-views must be at least 1")
         if self.quantize not in ("none", "int8"):
@@ -483,6 +483,7 @@ def _pass(
 
 
 EXPORT_RESERVE_S = 15  # --time-budget keeps this for the export after fine-tuning (about 5-10 s here)
+INT8_RESERVE_S = 30  # and this for --quantize int8 (15-30 s here)
 MIN_SPLIT = 20  # a validation or test split smaller than this gets a warning: one image moves it 5+ points
 # where things are (or ran, or how the cache stores them), not the model
 NOT_RECORDED = ("image_dir", "model_dir", "bottleneck_dir", "cache_format", "ray")
@@ -513,7 +514,7 @@ def run(cfg: TrainConfig, events: Events = QUIET) -> TrainResult:
     """The whole job, step by step: data and weights -> bottlenecks -> split -> (views) -> head ->
     (fine-tuning) -> test accuracy -> ONNX export -> (int8). Reports through events; never prints."""
     start = time.perf_counter()
-    job = _prepare(cfg, events)
+    job = _prepare(cfg, events, start)
     cfg = job.cfg  # --fine-tune-blocks -1 and --head-only resolved
     with job.timed("bottlenecks_s"):
         features, ok, stats = _bottlenecks(job)
@@ -570,7 +571,7 @@ def run(cfg: TrainConfig, events: Events = QUIET) -> TrainResult:
     return result
 
 
-def _prepare(cfg: TrainConfig, events: Events) -> _Job:
+def _prepare(cfg: TrainConfig, events: Events, start: float) -> _Job:
     """Everything that can fail fast, before any long work: settings, output paths, data, weights."""
     cfg.check()
     arch = get_architecture(cfg.architecture)
@@ -580,6 +581,8 @@ def _prepare(cfg: TrainConfig, events: Events) -> _Job:
     cfg = replace(cfg, fine_tune_blocks=all_blocks(arch) if auto else 0 if cfg.head_only else cfg.fine_tune_blocks)
     if cfg.fine_tune_blocks:
         cut_layer(arch, cfg.fine_tune_blocks)  # an impossible block count fails now, not after the bottlenecks
+        if not 1 <= cfg.fine_tune_full_res_epochs <= cfg.fine_tune(arch).max_epochs:
+            raise FlowerxError("--fine-tune-full-res-epochs must be in 1 to the fine-tuning epochs")
     cfg.check_paths()
     dataset = discover(cfg.image_dir, cfg.follow_links)
     for name, why in dataset.skipped_folders:
@@ -596,7 +599,8 @@ def _prepare(cfg: TrainConfig, events: Events) -> _Job:
     cache = open_cache(cfg.bottleneck_dir, arch, weights_fingerprint(weights), len(dataset.items), cfg.cache_format)
     events.detail(f"weights {weights}; bottleneck cache {cache.dir} ({'shards' if cache.sharded else 'files'})")
     networks = _Networks(arch, weights, cache, dataset.items, events)
-    deadline = time.perf_counter() + cfg.time_budget - EXPORT_RESERVE_S if auto else None
+    reserve = EXPORT_RESERVE_S + (INT8_RESERVE_S if cfg.quantize == "int8" else 0)
+    deadline = start + cfg.time_budget - reserve if auto else None
     return _Job(cfg, events, arch, dataset, cache, networks, deadline=deadline)
 
 

@@ -84,3 +84,12 @@ def test_calibration_uses_every_batch(tmp_path, method, monkeypatch):
     scales = {i.name: numpy_helper.to_array(i) for i in quantized.graph.initializer if i.name.endswith("_scale")}
     scale = next(float(v) for k, v in scales.items() if k.startswith("nchw") or k.startswith("x_"))
     assert scale > 250 / 255 * 0.9, scales  # the bright batch counted (alone, the dark one gives ~10/255)
+
+
+def test_a_bad_calibration_fails_before_any_work():
+    from flowerx import FlowerxError
+    from flowerx.train import TrainConfig
+
+    with pytest.raises(FlowerxError, match="--int8-calibration 'bogus': one of minmax, percentile, entropy"):
+        TrainConfig(image_dir="photos", quantize="int8", int8_calibration="bogus").check()
+    TrainConfig(image_dir="photos", int8_calibration="bogus").check()  # no --quantize int8: not used, not checked
