@@ -19,7 +19,7 @@ import io
 import json
 import os
 import re
-import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,10 +144,13 @@ class _Writer:
 
     def __enter__(self):
         self.output.parent.mkdir(parents=True, exist_ok=True)  # check_outputs found it writable
-        fd, name = tempfile.mkstemp(dir=self.output.parent, prefix=f".{self.output.name}.", suffix=".tmp")
-        os.close(fd)  # a new file of ours: the only one __exit__ removes or renames
-        self.tmp = Path(name)
-        os.chmod(self.tmp, 0o644)  # as atomic_write's files (mkstemp makes 0600)
+        # atomic_write's naming (its stale-file cleanup knows it) and mode (0644 under the umask); O_EXCL: a
+        # new file of ours, the only one __exit__ removes or renames
+        self.tmp = self.output.with_name(f".{self.output.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            os.close(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:
+            raise FlowerxError(f"{self.tmp} is in the way (left by a run that died?): remove it") from None
         try:
             self._open()
         except BaseException:

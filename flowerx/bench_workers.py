@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flowerx.bench import OPENVINO_RUNTIMES, RUNTIMES
+
 
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
@@ -111,7 +113,7 @@ def _int8_tflite(tf, savedmodel: Path, images: np.ndarray) -> bytes:
 
 def _load(runtime: str, path: Path, threads: int, size: int):
     """(predict(batch) -> probs, file size in bytes) for one runtime."""
-    if runtime in ("onnxruntime", "openvino", "openvino-bf16"):
+    if runtime == "onnxruntime" or runtime in OPENVINO_RUNTIMES:
         from flowerx.predictor import Predictor
 
         predictor = Predictor(path, providers="cpu" if runtime == "onnxruntime" else runtime, threads=threads)
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument(
         "--runtime",
         required=True,
-        choices=["onnxruntime", "openvino", "openvino-bf16", "tensorflow", "litert", "litert-int8"],
+        choices=RUNTIMES,
     )
     m.add_argument("--model", required=True)
     m.add_argument("--size", type=int, required=True)

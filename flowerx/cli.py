@@ -70,6 +70,9 @@ def say(console, text: object, style: str = "") -> None:
     are written as they are (the same characters rich would write, rich not loaded)."""
     if not style and isinstance(console, _Console) and not console.made:
         stream = sys.stderr if console.stderr else sys.stdout
+        # While a progress bar shows, rich stands a proxy in for sys.stdout that prints through the bar's
+        # console (stderr): results go to the real stdout, as rich's own consoles write them.
+        stream = getattr(stream, "rich_proxied_file", stream)
         stream.write(printable(text) + "\n")
         stream.flush()
         return
@@ -347,7 +350,7 @@ def _add_bench(sub, common, full: bool = True) -> None:
 
 
 def _add_export_int8(sub, common) -> None:
-    from exporters.int8 import CALIBRATIONS
+    from exporters.names import CALIBRATIONS
 
     p = sub.add_parser(
         "export-int8", parents=[common], help="write an int8 (static QDQ) copy of a trained model, if accurate enough"

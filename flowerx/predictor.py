@@ -273,9 +273,9 @@ class Predictor:
         step = CPU_RUN_BATCH if self.provider == "CPUExecutionProvider" else len(batch)
         parts = [
             self.session.run([self._output], {self._input: np.ascontiguousarray(batch[i : i + step])})[0]
-            for i in range(0, max(len(batch), 1), max(1, step))
+            for i in range(0, len(batch), step)  # callers never run an empty batch
         ]
-        out = (np.concatenate(parts) if len(parts) > 1 else parts[0]).astype(np.float32)
+        out = np.concatenate(parts).astype(np.float32)
         if not isinstance(out, np.ndarray) or out.shape != (len(batch), len(self.labels)):
             raise FlowerxError(
                 f"{self.path.name}: the model returned shape {getattr(out, 'shape', '?')}, "

@@ -54,6 +54,19 @@ def test_files_beside_the_output_are_never_overwritten_or_removed(folder, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*mine, "rows.jsonl"])
     assert all((tmp_path / name).read_text() == text for name, text in mine.items())
     assert oct((tmp_path / "rows.jsonl").stat().st_mode & 0o777) == "0o644"
+    previous = os.umask(0o077)  # the user's umask holds, as for every file flowerx writes
+    try:
+        classify_to_file(folder["model"], folder["paths"][:3], tmp_path / "private.jsonl")
+    finally:
+        os.umask(previous)
+    assert oct((tmp_path / "private.jsonl").stat().st_mode & 0o777) == "0o600"
+    import threading
+
+    ours = tmp_path / f".late.jsonl.{os.getpid()}.{threading.get_ident()}.tmp"  # the very name this run takes
+    ours.write_text("someone's")
+    with pytest.raises(FlowerxError, match="is in the way"):
+        classify_to_file(folder["model"], folder["paths"][:3], tmp_path / "late.jsonl")
+    assert ours.read_text() == "someone's" and not (tmp_path / "late.jsonl").exists()
 
 
 def test_bad_outputs_are_refused_before_any_work(folder, tmp_path):

@@ -139,3 +139,19 @@ def test_model_without_metadata_works_with_labels_and_size(tmp_path):
         "1",
     )
     assert result.returncode == 0 and result.stdout.startswith("g 1.0"), result.stdout + result.stderr
+
+
+def test_results_go_to_stdout_while_a_progress_bar_holds_it(monkeypatch, capsys):
+    """rich swaps sys.stdout for a proxy printing through the bar's (stderr) console while a bar shows;
+    result lines must still reach the real stdout, as they are ('x[/]y.jpg' is a name, not markup)."""
+    import io
+
+    from rich.console import Console
+    from rich.file_proxy import FileProxy
+
+    from flowerx import cli
+
+    real, bar = io.StringIO(), io.StringIO()
+    monkeypatch.setattr("sys.stdout", FileProxy(Console(file=bar), real))
+    cli.say(cli._Console(), "x[/]y.jpg 0.9")
+    assert real.getvalue() == "x[/]y.jpg 0.9\n" and bar.getvalue() == ""
