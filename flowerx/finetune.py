@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -137,16 +138,27 @@ def _seed(*parts: int) -> int:
 
 @contextmanager
 def _image_batches(
-    items: Sequence[ImageItem], order: np.ndarray, size: int, batch_size: int, distortion: Distortion | None, seed: int
+    items: Sequence[ImageItem],
+    order: np.ndarray,
+    size: int,
+    batch_size: int,
+    distortion: Distortion | None,
+    seed: int,
+    decode_s: list[float] | None = None,
 ) -> Iterator[Iterator[tuple[np.ndarray, np.ndarray]]]:
     """`with _image_batches(...) as batches:` (indices, uint8 images) per batch of order, each image decoded (and
     distorted) as its own task on all cores, up to three batches ahead of the training step; PIL releases the
-    GIL, so decoding overlaps TensorFlow's work."""
+    GIL, so decoding overlaps TensorFlow's work. decode_s, if given, gets each decode's wall seconds."""
 
     def decode(i: int) -> np.ndarray:
+        t = time.perf_counter()
         if distortion is None:
-            return prepare_image(items[i].path, size)
-        return distortion.view(items[i].path, size, _seed(seed, i))
+            image = prepare_image(items[i].path, size)
+        else:
+            image = distortion.view(items[i].path, size, _seed(seed, i))
+        if decode_s is not None:
+            decode_s.append(time.perf_counter() - t)  # list.append is atomic
+        return image
 
     with map_ahead(decode, order, in_flight=3 * batch_size) as views:
         yield ((idx, np.stack([next(views) for _ in idx])) for idx in chunked(order, batch_size))
@@ -267,6 +279,15 @@ class _Tuner:
         return arrays["best"]
 
 
+def step_time(trained_s: float, decode_s: Sequence[float], batch_size: int, workers: int) -> float:
+    """Seconds per training step once the decoded batches read ahead are used up: the steps' own time, or the
+    decoding's where that is slower (workers threads each taking decode_s's median per image; their wall
+    time, measured while TensorFlow ran, so sharing the cores is counted). The first steps are fed by batches
+    decoded ahead while the graph was traced, so their time alone misses a run bound by decoding."""
+    decoding = batch_size * float(np.median(decode_s)) / workers if len(decode_s) else 0.0
+    return max(trained_s, decoding)
+
+
 def estimate_s(
     cfg: FineTuneConfig, step_s: float, size: int, full: int, steps_left: int, steps: int, validation: int, epoch: int
 ) -> float:
@@ -299,7 +320,8 @@ def _epoch(
     seed, size = _seed(rng_seed, epoch, 1), cfg.size(epoch, tuner.size)
     batches_in_epoch = -(-len(order) // cfg.batch_size)
     probe_at = min(WARMUP_STEPS + PROBE_STEPS, batches_in_epoch)  # a short epoch: time what steps it has
-    with _image_batches(items, order, size, cfg.batch_size, cfg.views, seed) as batches:
+    decode_s: list[float] = []
+    with _image_batches(items, order, size, cfg.batch_size, cfg.views, seed, decode_s) as batches:
         for step, (idx, x) in enumerate(batches, 1):
             if step == WARMUP_STEPS + 1:
                 probe = time.perf_counter()
@@ -308,7 +330,8 @@ def _epoch(
             correct += float(hits)
             if deadline is not None and step == probe_at > WARMUP_STEPS:
                 now = time.perf_counter()
-                step_s, left = (now - probe) / (probe_at - WARMUP_STEPS), batches_in_epoch - step
+                trained_s, left = (now - probe) / (probe_at - WARMUP_STEPS), batches_in_epoch - step
+                step_s = step_time(trained_s, decode_s, cfg.batch_size, os.cpu_count() or 1)
                 to_go = estimate_s(cfg, step_s, size, tuner.size, left, steps, len(splits["validation"]), epoch)
                 estimate = now - t + to_go
                 if now + to_go > deadline:

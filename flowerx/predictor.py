@@ -12,7 +12,9 @@ import json
 import logging
 import os
 import platform
+import re
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,6 +40,9 @@ PROVIDERS: dict[str, list] = {
 MAX_LABELS_FILE = 16 << 20
 CPU_RUN_BATCH = 8  # images per onnxruntime run on the CPU (Predictor._run)
 SESSIONS_KEPT = 16  # optimised sessions kept in the user cache; the least recently written go first
+_SESSION_NAME = re.compile(r"[0-9a-f]{32}\.ort")
+_SESSION_TEMP = re.compile(r"\.[0-9a-f]{32}\.[0-9]+\.[0-9]+\.tmp\.ort")  # _load_session's temp names
+STALE_TEMP_S = 3600  # a session's temp file this old was left by a killed process (writing one takes seconds)
 
 
 class Prediction(tuple):
@@ -157,8 +162,14 @@ def _load_session(path: Path, threads: int, providers: list[str]) -> ort.Inferen
 
 
 def _prune(folder: Path) -> None:
-    """Keep the SESSIONS_KEPT newest optimised sessions (files flowerx named: 32 hex digits + .ort)."""
-    ours = [p for p in folder.glob("*.ort") if len(p.stem) == 32 and all(c in "0123456789abcdef" for c in p.stem)]
+    """Keep the SESSIONS_KEPT newest optimised sessions (files flowerx named: 32 hex digits + .ort), and drop
+    the temp files (.<32 hex>.<pid>.<thread>.tmp.ort) that killed processes left, once STALE_TEMP_S old."""
+    ours, now = [], time.time()
+    for p in folder.glob("*.ort"):
+        if _SESSION_NAME.fullmatch(p.name):
+            ours.append(p)
+        elif _SESSION_TEMP.fullmatch(p.name) and now - p.stat().st_mtime > STALE_TEMP_S:
+            p.unlink(missing_ok=True)
     for old in sorted(ours, key=lambda p: p.stat().st_mtime_ns)[:-SESSIONS_KEPT]:
         old.unlink(missing_ok=True)
 

@@ -791,6 +791,9 @@ def _fine_tune_record(cfg: TrainConfig, arch: Architecture, tuned: FineTuneResul
     if tuned is None:
         return None
     ft = cfg.fine_tune(arch)
+    # the estimate of the last process that ran epochs (a resumed run estimates again from its first epoch)
+    estimated = next((record for record in reversed(tuned.history) if "estimated_s" in record), {})
+    since = estimated.get("epoch")
     return {
         "blocks": cfg.fine_tune_blocks,
         "kept_epoch": tuned.epochs,
@@ -798,8 +801,11 @@ def _fine_tune_record(cfg: TrainConfig, arch: Architecture, tuned: FineTuneResul
         "learning_rate": cfg.fine_tune_learning_rate,
         "distortion": tuned.distortion,
         "epoch_sizes": [record["size"] for record in tuned.history],  # side of the training views, per epoch
-        # --fine-tune-blocks -1: the epochs' time as estimated after the first steps, and as it was
-        "estimated_s": tuned.history[0].get("estimated_s") if tuned.history else None,
+        # --fine-tune-blocks -1: the time of the epochs from estimated_from_epoch on, as estimated after that
+        # epoch's first steps and as it was (epochs_s: all epochs, those of an earlier process too)
+        "estimated_s": estimated.get("estimated_s"),
+        "estimated_from_epoch": since,
+        "estimated_epochs_s": _rounded(sum(r["seconds"] for r in tuned.history[since - 1 :])) if since else None,
         "epochs_s": _rounded(sum(record["seconds"] for record in tuned.history)),
         "resumed": tuned.resumed,
         "validation_accuracy": _rounded(tuned.validation_accuracy),

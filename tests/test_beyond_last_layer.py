@@ -8,7 +8,7 @@ from conftest import DAISY, run_cli, small_train_args, subset
 
 from flowerx import Predictor
 from flowerx.architectures import get_architecture
-from flowerx.finetune import FineTuneConfig, estimate_s, recipe
+from flowerx.finetune import FineTuneConfig, estimate_s, recipe, step_time
 from flowerx.train import TrainConfig
 
 
@@ -132,6 +132,10 @@ def test_the_estimate_scales_steps_by_pixels_and_adds_validation():
     # 96 validation images a full-size epoch: a third of 3 full-size steps' cost, after each of the 3 epochs
     assert estimate_s(cfg, 1.0, 160, 224, 0, 0, 96, 1) == pytest.approx(3 * 1.96 * 96 / 32 / 3)
     assert cfg.first_kept_epoch(224) == 3  # a network trained on smaller views is not kept
+    # A step lasts as long as the slower of training and decoding its batch (32 images on 2 threads)
+    assert step_time(0.5, [0.01, 0.02, 0.5], 32, 2) == 0.5  # decoding keeps up (0.32 s a batch)
+    assert step_time(0.5, [0.1, 0.1], 32, 2) == pytest.approx(1.6)  # decoding is the bottleneck
+    assert step_time(0.5, [], 32, 2) == 0.5
     assert FineTuneConfig(13, max_epochs=3).size(1, 224) == 224  # no low_res: every epoch full size
     assert cfg.size(1, 128) == 128 and cfg.first_kept_epoch(128) == 1  # low_res not below the network's
     # The default recipe: progressive resizing where a full-size epoch is costly, 12 full-size epochs elsewhere
@@ -158,6 +162,7 @@ def test_the_default_fine_tunes_when_the_estimate_fits_the_time_budget(shared, t
     fits = default(*quick)
     assert fits["fine_tune"]["blocks"] == 13 and fits["head_only_why"] == ""
     assert fits["fine_tune"]["epoch_sizes"] == [128, 224]  # progressive resizing: the last epoch full size
+    assert fits["fine_tune"]["estimated_from_epoch"] == 1 and fits["fine_tune"]["estimated_s"] > 0
     long = default("--fine-tune-epochs", "1000", "--time-budget", "60")  # after 6 steps: far over the budget
     assert long["fine_tune"] is None and "fine-tuning would take about" in long["head_only_why"]
     assert "Kept the head alone: fine-tuning would take about" in long["stdout"]

@@ -1,4 +1,6 @@
+import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -231,7 +233,8 @@ def test_openvino_runs_the_model_and_says_its_precision(model, tmp_path, monkeyp
 
 
 def test_pruning_old_sessions_removes_only_flowerx_entries(tmp_path, monkeypatch):
-    """The user cache keeps SESSIONS_KEPT optimised sessions; files it did not name itself are never touched."""
+    """The user cache keeps SESSIONS_KEPT optimised sessions and drops old temps of killed processes; files it did
+    not name itself are never touched."""
     from flowerx import predictor as predictor_module
 
     monkeypatch.setenv("FLOWERX_CACHE_DIR", str(tmp_path / "cache"))
@@ -239,13 +242,19 @@ def test_pruning_old_sessions_removes_only_flowerx_entries(tmp_path, monkeypatch
     sessions = tmp_path / "cache" / "sessions"
     sessions.mkdir(parents=True)
     foreign = {"notes.ort": b"mine", "ABCDEF0123456789ABCDEF0123456789.ort": b"upper case", "x" * 32 + ".ort": b"x"}
-    for name, data in foreign.items():
-        (sessions / name).write_bytes(data)
+    foreign[".notes.1.2.tmp.ort"] = b"not our temp name"
+    hour_ago = time.time() - predictor_module.STALE_TEMP_S - 60
+    stale, fresh = sessions / f".{'a' * 32}.123.456.tmp.ort", sessions / f".{'b' * 32}.123.456.tmp.ort"
+    for path, data in [*((sessions / name, data) for name, data in foreign.items()), (stale, b"t"), (fresh, b"t")]:
+        path.write_bytes(data)
+        if path != fresh:
+            os.utime(path, (hour_ago, hour_ago))
     for name in ("one", "two"):
         Predictor(write_tiny_model(tmp_path / f"{name}.onnx"), providers="cpu")
-    ours = [p for p in sessions.iterdir() if p.name not in foreign]
+    ours = [p for p in sessions.iterdir() if p.name not in foreign and p != fresh]
     assert ours == [predictor_module.session_cache_path(tmp_path / "two.onnx")]  # the newest of ours kept
     assert all((sessions / name).read_bytes() == data for name, data in foreign.items())
+    assert fresh.exists() and not stale.exists()  # a killed process's old temp goes; one being written stays
 
 
 def test_a_big_batch_runs_a_few_images_at_a_time_on_the_cpu(model):
