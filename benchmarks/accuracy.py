@@ -33,14 +33,14 @@ ROWS: list[tuple[str, list[str], tuple[int, ...]]] = [
     ("head, distortions (4 cached views)", ["--head-only", *DISTORT], (0,)),
     ("default: fine-tuned when it fits --time-budget", [], SEEDS),
     ("head only, int8", ["--head-only", "--quantize", "int8"], (0,)),
-    ("default, int8", ["--quantize", "int8"], (0,)),  # reuses seed 0's fine-tuning checkpoint
+    ("default, int8", ["--quantize", "int8"], (0, 1, 2)),  # reuses each seed's fine-tuning checkpoint
 ]
 ARCHITECTURES = ("mobilenet_0.25_224", "mobilenet_1.0_224")
 
 
 def train(arch: str, extra: list[str], shared: Path, work: Path, name: str) -> dict:
     out = work / arch / re.sub(r"\W+", "_", name)
-    # The graph's name per seed: fine-tuning's checkpoint is named after it, so the int8 row reuses seed 0's.
+    # The graph's name per seed: fine-tuning's checkpoint is named after it, so the int8 rows reuse each seed's.
     seed = extra[extra.index("--seed") + 1] if "--seed" in extra else "0"
     graph = out / f"model-seed{seed}.onnx"
     args = [*flowers_args(arch, shared, work / "bottlenecks", graph, head_only=False), *extra]

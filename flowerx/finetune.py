@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -37,7 +36,7 @@ from .data import Distortion, ImageItem, prepare_image
 from .errors import FlowerxError
 from .events import QUIET, Events
 from .fileio import atomic_write
-from .parallel import chunked, map_ahead
+from .parallel import chunked, default_workers, map_ahead
 
 # Used when fine-tuning and no distortion flag is given: without distortions every epoch shows the network
 # the same pixels, which it learns by heart. Mild on purpose: photos are not upside down or recoloured.
@@ -49,6 +48,7 @@ PREDICT_BATCH = 64
 # With a time budget, the first steps are timed (after WARMUP_STEPS, which trace the graph) to estimate the run;
 # an epoch of WARMUP_STEPS steps or fewer (64 training images) is not estimated.
 WARMUP_STEPS, PROBE_STEPS = 2, 4
+AHEAD_BATCHES = 3  # batches decoded ahead of the training step
 
 
 class OverBudget(Exception):
@@ -147,8 +147,9 @@ def _image_batches(
     decode_s: list[float] | None = None,
 ) -> Iterator[Iterator[tuple[np.ndarray, np.ndarray]]]:
     """`with _image_batches(...) as batches:` (indices, uint8 images) per batch of order, each image decoded (and
-    distorted) as its own task on all cores, up to three batches ahead of the training step; PIL releases the
-    GIL, so decoding overlaps TensorFlow's work. decode_s, if given, gets each decode's wall seconds."""
+    distorted) as its own task on all cores, up to AHEAD_BATCHES batches ahead of the training step; PIL
+    releases the GIL, so decoding overlaps TensorFlow's work. decode_s, if given, gets each decode's wall
+    seconds."""
 
     def decode(i: int) -> np.ndarray:
         t = time.perf_counter()
@@ -160,7 +161,7 @@ def _image_batches(
             decode_s.append(time.perf_counter() - t)  # list.append is atomic
         return image
 
-    with map_ahead(decode, order, in_flight=3 * batch_size) as views:
+    with map_ahead(decode, order, in_flight=AHEAD_BATCHES * batch_size) as views:
         yield ((idx, np.stack([next(views) for _ in idx])) for idx in chunked(order, batch_size))
 
 
@@ -279,24 +280,37 @@ class _Tuner:
         return arrays["best"]
 
 
-def step_time(trained_s: float, decode_s: Sequence[float], batch_size: int, workers: int) -> float:
-    """Seconds per training step once the decoded batches read ahead are used up: the steps' own time, or the
-    decoding's where that is slower (workers threads each taking decode_s's median per image; their wall
-    time, measured while TensorFlow ran, so sharing the cores is counted). The first steps are fed by batches
-    decoded ahead while the graph was traced, so their time alone misses a run bound by decoding."""
-    decoding = batch_size * float(np.median(decode_s)) / workers if len(decode_s) else 0.0
-    return max(trained_s, decoding)
+def decode_time(decode_s: Sequence[float], batch_size: int) -> float:
+    """Wall seconds per image of decoding on all its threads, from each decode's wall time (measured while
+    TensorFlow trained, so sharing the cores is counted)."""
+    workers = min(default_workers(), AHEAD_BATCHES * batch_size)  # _image_batches' threads at work
+    return float(np.median(decode_s)) / workers if len(decode_s) else 0.0
 
 
 def estimate_s(
-    cfg: FineTuneConfig, step_s: float, size: int, full: int, steps_left: int, steps: int, validation: int, epoch: int
+    cfg: FineTuneConfig,
+    step_s: float,
+    size: int,
+    full: int,
+    steps_left: int,
+    steps: int,
+    validation: int,
+    epoch: int,
+    decode_s: float = 0.0,
 ) -> float:
     """Seconds still to go in a run that takes step_s per step at side size now: steps_left more steps of this
     epoch (1-based), its validation, then the later epochs of `steps` steps (a step's cost grows with the
-    pixels) and their validation (an image costs about a third of a trained one at full size: forward only)."""
-    validate = validation * step_s * (full / size) ** 2 / cfg.batch_size / 3
-    later = sum(steps * step_s * (cfg.size(e, full) / size) ** 2 for e in range(epoch + 1, cfg.max_epochs + 1))
-    return steps_left * step_s + later + validate * (cfg.max_epochs - epoch + 1)
+    pixels) and their validation (an image costs about a third of a trained one at full size: forward only),
+    up to cfg.max_epochs (early stopping may end sooner). decode_s: decoding's seconds per image (decode_time);
+    a step, or a validated image, lasts at least as long as decoding it, whatever the view's size (a JPEG
+    decodes at about its own size)."""
+
+    def step(side: int) -> float:
+        return max(step_s * (side / size) ** 2, decode_s * cfg.batch_size)
+
+    validate = validation * max(step_s * (full / size) ** 2 / cfg.batch_size / 3, decode_s)
+    later = sum(steps * step(cfg.size(e, full)) for e in range(epoch + 1, cfg.max_epochs + 1))
+    return steps_left * step(size) + later + validate * (cfg.max_epochs - epoch + 1)
 
 
 def _epoch(
@@ -320,19 +334,22 @@ def _epoch(
     seed, size = _seed(rng_seed, epoch, 1), cfg.size(epoch, tuner.size)
     batches_in_epoch = -(-len(order) // cfg.batch_size)
     probe_at = min(WARMUP_STEPS + PROBE_STEPS, batches_in_epoch)  # a short epoch: time what steps it has
-    decode_s: list[float] = []
+    decode_s: list[float] | None = [] if deadline is not None else None  # timed only to estimate
     with _image_batches(items, order, size, cfg.batch_size, cfg.views, seed, decode_s) as batches:
         for step, (idx, x) in enumerate(batches, 1):
             if step == WARMUP_STEPS + 1:
                 probe = time.perf_counter()
+                if decode_s is not None:
+                    decode_s.clear()  # decodes while the graph traced had the cores to themselves
             loss, hits = tuner.step(tf.constant(x), tf.constant(labels[idx], tf.int64))
             losses.append(float(loss))
             correct += float(hits)
             if deadline is not None and step == probe_at > WARMUP_STEPS:
                 now = time.perf_counter()
-                trained_s, left = (now - probe) / (probe_at - WARMUP_STEPS), batches_in_epoch - step
-                step_s = step_time(trained_s, decode_s, cfg.batch_size, os.cpu_count() or 1)
-                to_go = estimate_s(cfg, step_s, size, tuner.size, left, steps, len(splits["validation"]), epoch)
+                step_s, left = (now - probe) / (probe_at - WARMUP_STEPS), batches_in_epoch - step
+                decoding = decode_time(list(decode_s or ()), cfg.batch_size)
+                validation = len(splits["validation"])
+                to_go = estimate_s(cfg, step_s, size, tuner.size, left, steps, validation, epoch, decoding)
                 estimate = now - t + to_go
                 if now + to_go > deadline:
                     raise OverBudget(to_go, deadline - now)

@@ -16,6 +16,11 @@ R = TypeVar("R")
 AHEAD = 2  # tasks in flight per worker by default: enough to keep every core busy, little memory
 
 
+def default_workers() -> int:
+    """map_ahead's threads when not told: one per core."""
+    return os.cpu_count() or 1
+
+
 @contextmanager
 def map_ahead(
     fn: Callable[[T], R], tasks: Iterable[T], workers: int | None = None, in_flight: int | None = None
@@ -25,7 +30,7 @@ def map_ahead(
     reads, hashing, PIL decoding and onnxruntime release the GIL, so this work overlaps the consumer's.
     Leaving the block (done, a failure, Ctrl-C, or a consumer that stopped early) cancels the tasks not yet
     started and waits only for the running ones."""
-    workers = workers or os.cpu_count() or 1
+    workers = workers or default_workers()
     tasks = iter(tasks)
     pool = ThreadPoolExecutor(workers)
     pending = deque(pool.submit(fn, task) for task in itertools.islice(tasks, in_flight or AHEAD * workers))

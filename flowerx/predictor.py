@@ -156,21 +156,25 @@ def _load_session(path: Path, threads: int, providers: list[str]) -> ort.Inferen
             except OSError:  # the cache only: the session is good
                 pass
     finally:
-        if tmp is not None and tmp.exists():
-            tmp.unlink()
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
     return session
 
 
 def _prune(folder: Path) -> None:
     """Keep the SESSIONS_KEPT newest optimised sessions (files flowerx named: 32 hex digits + .ort), and drop
     the temp files (.<32 hex>.<pid>.<thread>.tmp.ort) that killed processes left, once STALE_TEMP_S old."""
-    ours, now = [], time.time()
+    ours: list[tuple[int, Path]] = []  # (modification time, path)
+    now = time.time()
     for p in folder.glob("*.ort"):
-        if _SESSION_NAME.fullmatch(p.name):
-            ours.append(p)
-        elif _SESSION_TEMP.fullmatch(p.name) and now - p.stat().st_mtime > STALE_TEMP_S:
-            p.unlink(missing_ok=True)
-    for old in sorted(ours, key=lambda p: p.stat().st_mtime_ns)[:-SESSIONS_KEPT]:
+        try:  # another process may rename or remove any of these meanwhile
+            if _SESSION_NAME.fullmatch(p.name):
+                ours.append((p.stat().st_mtime_ns, p))
+            elif _SESSION_TEMP.fullmatch(p.name) and now - p.stat().st_mtime > STALE_TEMP_S:
+                p.unlink(missing_ok=True)
+        except FileNotFoundError:
+            continue
+    for _, old in sorted(ours)[:-SESSIONS_KEPT]:
         old.unlink(missing_ok=True)
 
 

@@ -791,7 +791,8 @@ def _fine_tune_record(cfg: TrainConfig, arch: Architecture, tuned: FineTuneResul
     if tuned is None:
         return None
     ft = cfg.fine_tune(arch)
-    # the estimate of the last process that ran epochs (a resumed run estimates again from its first epoch)
+    # the estimate of the last process that made one: a run resumed under the default estimates again from its
+    # first epoch; one resumed with --fine-tune-blocks N makes none, so an earlier process's estimate stays
     estimated = next((record for record in reversed(tuned.history) if "estimated_s" in record), {})
     since = estimated.get("epoch")
     return {
@@ -802,7 +803,8 @@ def _fine_tune_record(cfg: TrainConfig, arch: Architecture, tuned: FineTuneResul
         "distortion": tuned.distortion,
         "epoch_sizes": [record["size"] for record in tuned.history],  # side of the training views, per epoch
         # --fine-tune-blocks -1: the time of the epochs from estimated_from_epoch on, as estimated after that
-        # epoch's first steps and as it was (epochs_s: all epochs, those of an earlier process too)
+        # epoch's first steps (up to max_epochs: early stopping may end sooner) and as it was (epochs_s: all
+        # epochs, those of an earlier process too)
         "estimated_s": estimated.get("estimated_s"),
         "estimated_from_epoch": since,
         "estimated_epochs_s": _rounded(sum(r["seconds"] for r in tuned.history[since - 1 :])) if since else None,

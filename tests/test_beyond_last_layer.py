@@ -1,6 +1,7 @@
 """Distortions with cached views, and fine-tuning, on a small real subset (needs $FLOWERX_SHARED)."""
 
 import json
+import os
 import re
 
 import pytest
@@ -8,7 +9,7 @@ from conftest import DAISY, run_cli, small_train_args, subset
 
 from flowerx import Predictor
 from flowerx.architectures import get_architecture
-from flowerx.finetune import FineTuneConfig, estimate_s, recipe, step_time
+from flowerx.finetune import FineTuneConfig, decode_time, estimate_s, recipe
 from flowerx.train import TrainConfig
 
 
@@ -132,10 +133,13 @@ def test_the_estimate_scales_steps_by_pixels_and_adds_validation():
     # 96 validation images a full-size epoch: a third of 3 full-size steps' cost, after each of the 3 epochs
     assert estimate_s(cfg, 1.0, 160, 224, 0, 0, 96, 1) == pytest.approx(3 * 1.96 * 96 / 32 / 3)
     assert cfg.first_kept_epoch(224) == 3  # a network trained on smaller views is not kept
-    # A step lasts as long as the slower of training and decoding its batch (32 images on 2 threads)
-    assert step_time(0.5, [0.01, 0.02, 0.5], 32, 2) == 0.5  # decoding keeps up (0.32 s a batch)
-    assert step_time(0.5, [0.1, 0.1], 32, 2) == pytest.approx(1.6)  # decoding is the bottleneck
-    assert step_time(0.5, [], 32, 2) == 0.5
+    # Decoding at 0.1 s an image (all threads together) is slower than any step: 3.2 s a 32-image step at
+    # either size, and 0.1 s a validated image
+    assert estimate_s(cfg, 1.0, 160, 224, 5, 10, 0, 1, 0.1) == pytest.approx((5 + 10 + 10) * 3.2)
+    assert estimate_s(cfg, 1.0, 160, 224, 0, 0, 96, 1, 0.1) == pytest.approx(3 * 96 * 0.1)
+    assert estimate_s(cfg, 1.0, 160, 224, 5, 10, 0, 1, 0.001) == pytest.approx(5 + 10 + 10 * 1.96)  # keeps up
+    workers = min(os.cpu_count() or 1, 3 * 32)
+    assert decode_time([0.2, 0.1, 0.3], 32) == pytest.approx(0.2 / workers) and decode_time([], 32) == 0
     assert FineTuneConfig(13, max_epochs=3).size(1, 224) == 224  # no low_res: every epoch full size
     assert cfg.size(1, 128) == 128 and cfg.first_kept_epoch(128) == 1  # low_res not below the network's
     # The default recipe: progressive resizing where a full-size epoch is costly, 12 full-size epochs elsewhere
