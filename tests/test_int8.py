@@ -48,7 +48,7 @@ def test_calibration_uses_every_batch(tmp_path, method, monkeypatch):
     (and fails on an even number of batches): flowerx must calibrate on all of its images. The histogram
     methods see them one batch at a time (onnxruntime would hold every activation of every image)."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import numpy_helper
     from onnxruntime.quantization import calibrate
 
     from exporters.int8 import quantize_features
@@ -62,28 +62,64 @@ def test_calibration_uses_every_batch(tmp_path, method, monkeypatch):
 
     monkeypatch.setattr(calibrate.HistogramCalibrater, "collect_data", counted)
 
-    weights = numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
-    graph = helper.make_graph(
-        [
-            helper.make_node("Cast", ["image"], ["x"], to=TensorProto.FLOAT),
-            helper.make_node("Transpose", ["x"], ["nchw"], perm=[0, 3, 1, 2]),
-            helper.make_node("Conv", ["nchw", "w"], ["conv"]),
-            helper.make_node("ReduceMean", ["conv"], ["features"], axes=[2, 3], keepdims=0),
-        ],
-        "features",
-        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 8, 8, 3])],
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 4])],
-        [weights],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
-    model.ir_version = 8
+    model = _two_convs()
     bright = np.full((8, 8, 8, 3), 250, np.uint8)  # only the first of two batches is bright
     dark = np.random.default_rng(1).integers(0, 10, (8, 8, 8, 3), dtype=np.uint8)
     quantized = onnx.load_from_string(quantize_features(model, np.concatenate([bright, dark]), method))
     assert len(batches) == (0 if method == "minmax" else 2)  # streamed: one call per batch of 8
     scales = {i.name: numpy_helper.to_array(i) for i in quantized.graph.initializer if i.name.endswith("_scale")}
-    scale = next(float(v) for k, v in scales.items() if k.startswith("nchw") or k.startswith("x_"))
+    scale = next(float(v) for k, v in scales.items() if k.startswith("front_"))  # the second conv's input
     assert scale > 250 / 255 * 0.9, scales  # the bright batch counted (alone, the dark one gives ~10/255)
+
+
+def _two_convs():
+    """uint8 NHWC -> Cast -> Mul (normalise) -> Transpose -> 1x1 identity conv ("front": the pixels again)
+    -> 3x3 conv -> mean: a feature network in miniature."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [
+        numpy_helper.from_array(np.eye(3, dtype=np.float32).reshape(3, 3, 1, 1) * 2, "identity"),
+        numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+    ]
+    nodes = [
+        ("Cast", ["image"], ["x"], {"to": TensorProto.FLOAT}),
+        ("Mul", ["x", "half"], ["scaled"], {}),
+        ("Transpose", ["scaled"], ["nchw"], {"perm": [0, 3, 1, 2]}),
+        ("Conv", ["nchw", "identity"], ["front"], {}),
+        ("Conv", ["front", "w"], ["conv"], {}),
+        ("ReduceMean", ["conv"], ["features"], {"axes": [2, 3], "keepdims": 0}),
+    ]
+    graph = helper.make_graph(
+        [helper.make_node(op, i, o, name=f"{op.lower()}_{n}", **a) for n, (op, i, o, a) in enumerate(nodes)],
+        "features",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 8, 8, 3])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 4])],
+        weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    return model
+
+
+def test_the_first_convolution_and_the_normalisation_stay_in_float():
+    """In int8 the first convolution (3 input channels) was the slowest node: it and the normalisation before
+    it stay float; the rest is quantized."""
+    import onnx
+
+    from exporters.int8 import float_front, quantize_features
+
+    model = _two_convs()
+    assert float_front(model) == ["conv_3", "transpose_2", "mul_1"]  # back from the first conv, not past Cast
+    images = np.random.default_rng(2).integers(0, 255, (8, 8, 8, 3), dtype=np.uint8)
+    quantized = onnx.load_from_string(quantize_features(model, images))
+    ops = {n.name: n.op_type for n in quantized.graph.node}
+    producer = {o: n for n in quantized.graph.node for o in n.output}
+    first, second = (next(n for n in quantized.graph.node if n.name == name) for name in ("conv_3", "conv_4"))
+    assert first.input[1] == "identity" and ops["mul_1"] == "Mul"  # float weights, no DequantizeLinear
+    assert producer[second.input[1]].op_type == "DequantizeLinear"  # int8 weights
+    assert producer[second.input[0]].op_type == "DequantizeLinear"  # uint8 activations in
 
 
 def test_a_bad_calibration_fails_before_any_work():
