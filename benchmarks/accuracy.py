@@ -84,7 +84,11 @@ def main(argv: list[str] | None = None) -> None:
                     print_row(rows[-1])
                 if len(seeds) > 1:
                     tests = [r["test_accuracy"] for r in rows[-len(seeds) :]]
-                    print(f"{arch:<20} {name}: test mean {np.mean(tests):.1f}%, {min(tests):.1f}-{max(tests):.1f}%")
+                    line = f"{arch:<20} {name}: test mean {np.mean(tests):.1f}%, {min(tests):.1f}-{max(tests):.1f}%"
+                    int8 = [r["int8_test_accuracy"] for r in rows[-len(seeds) :] if "int8_test_accuracy" in r]
+                    if int8:
+                        line += f"; int8 mean {np.mean(int8):.1f}%, {min(int8):.1f}-{max(int8):.1f}%"
+                    print(line)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"machine": machine_info(), "rows": rows}, indent=1))
 
