@@ -3,7 +3,7 @@
 #   make test   create .venv, install flowerx with its extras and the conformance suite's Node clients (where
 #               npm is), lint (ruff), run the test suite
 # make bench regenerates benchmarks/results/ and benchmarks/README.md (several minutes; keep the machine quiet).
-# make accuracy regenerates benchmarks/results/accuracy.json, the README's accuracy table (about 20 minutes).
+# make accuracy regenerates benchmarks/results/accuracy.json, the README's accuracy table (about 30 minutes).
 PYTHON ?= python3
 VENV ?= .venv
 SHARED ?= ../shared

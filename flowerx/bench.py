@@ -29,6 +29,7 @@ from .errors import FlowerxError
 
 RUNTIMES = ("onnxruntime", "openvino", "openvino-bf16", "tensorflow", "litert", "litert-int8")
 OPENVINO_RUNTIMES = ("openvino", "openvino-bf16")  # flowerx's Predictor on onnxruntime-openvino's provider
+PREDICTOR_RUNTIMES = ("onnxruntime", *OPENVINO_RUNTIMES)  # the rows timed through flowerx's Predictor
 RUNTIME_MODULE = {
     "onnxruntime": "onnxruntime",
     "openvino": "onnxruntime",
@@ -254,7 +255,7 @@ def _prepare(model: _Model, cfg: BenchConfig) -> str | None:
 
 def _measure(model: _Model, runtime: str, threads: int, cfg: BenchConfig) -> Row:
     # A trained model's other runtimes run the same network with stand-in weights (same latency).
-    ours = runtime == "onnxruntime" or runtime in OPENVINO_RUNTIMES
+    ours = runtime in PREDICTOR_RUNTIMES
     weights = "trained" if model.trained and ours else model.info.get("weights", "?")
     row = Row(model.name, runtime, threads, weights)
     if importlib.util.find_spec(RUNTIME_MODULE[runtime]) is None or (runtime in OPENVINO_RUNTIMES and not _openvino()):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flowerx.bench import OPENVINO_RUNTIMES, RUNTIMES
+from flowerx.bench import PREDICTOR_RUNTIMES, RUNTIMES
 
 
 def _peak_mb() -> float:
@@ -113,7 +113,7 @@ def _int8_tflite(tf, savedmodel: Path, images: np.ndarray) -> bytes:
 
 def _load(runtime: str, path: Path, threads: int, size: int):
     """(predict(batch) -> probs, file size in bytes) for one runtime."""
-    if runtime == "onnxruntime" or runtime in OPENVINO_RUNTIMES:
+    if runtime in PREDICTOR_RUNTIMES:
         from flowerx.predictor import Predictor
 
         predictor = Predictor(path, providers="cpu" if runtime == "onnxruntime" else runtime, threads=threads)
@@ -217,11 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--graph")
     p.add_argument("--classes", type=int, default=5)
     m = sub.add_parser("measure")
-    m.add_argument(
-        "--runtime",
-        required=True,
-        choices=RUNTIMES,
-    )
+    m.add_argument("--runtime", required=True, choices=RUNTIMES)
     m.add_argument("--model", required=True)
     m.add_argument("--size", type=int, required=True)
     m.add_argument("--threads", type=int, default=1)

@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 import re
+import stat
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -168,12 +169,15 @@ def _prune(folder: Path) -> None:
     now = time.time()
     for p in folder.glob("*.ort"):
         try:  # another process may rename or remove any of these meanwhile
-            if _SESSION_NAME.fullmatch(p.name):
-                ours.append((p.stat().st_mtime_ns, p))
-            elif _SESSION_TEMP.fullmatch(p.name) and now - p.stat().st_mtime > STALE_TEMP_S:
-                p.unlink(missing_ok=True)
+            st = p.lstat()
         except FileNotFoundError:
             continue
+        if not stat.S_ISREG(st.st_mode):  # flowerx writes only regular files here: a link or folder is not ours
+            continue
+        if _SESSION_NAME.fullmatch(p.name):
+            ours.append((st.st_mtime_ns, p))
+        elif _SESSION_TEMP.fullmatch(p.name) and now - st.st_mtime > STALE_TEMP_S:
+            p.unlink(missing_ok=True)
     for _, old in sorted(ours)[:-SESSIONS_KEPT]:
         old.unlink(missing_ok=True)
 

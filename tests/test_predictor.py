@@ -257,6 +257,34 @@ def test_pruning_old_sessions_removes_only_flowerx_entries(tmp_path, monkeypatch
     assert fresh.exists() and not stale.exists()  # a killed process's old temp goes; one being written stays
 
 
+def test_pruning_never_follows_links_or_enters_folders_named_like_its_files(tmp_path, monkeypatch):
+    """A link or a folder that carries a session's or a temp file's name is not flowerx's: the prune leaves it,
+    and what a link points to, alone (FLOWERX_CACHE_DIR may be any folder the user names)."""
+    from flowerx import predictor as predictor_module
+
+    monkeypatch.setenv("FLOWERX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(predictor_module, "SESSIONS_KEPT", 1)
+    sessions = tmp_path / "cache" / "sessions"
+    sessions.mkdir(parents=True)
+    precious = tmp_path / "precious.txt"
+    precious.write_text("the user's")
+    hour_ago = time.time() - predictor_module.STALE_TEMP_S - 60
+    os.utime(precious, (hour_ago, hour_ago))
+    old_temp_link = sessions / f".{'c' * 32}.1.2.tmp.ort"
+    old_temp_link.symlink_to(precious)
+    session_link = sessions / f"{'d' * 32}.ort"  # oldest of the sessions: pruned first were it ours
+    session_link.symlink_to(precious)
+    os.utime(session_link, (0, 0), follow_symlinks=False)
+    folder = sessions / f".{'e' * 32}.1.2.tmp.ort"
+    folder.mkdir()
+    os.utime(folder, (hour_ago, hour_ago))
+    for name in ("one", "two"):
+        Predictor(write_tiny_model(tmp_path / f"{name}.onnx"), providers="cpu")
+    assert old_temp_link.is_symlink() and session_link.is_symlink() and folder.is_dir()
+    assert precious.read_text() == "the user's"
+    assert not predictor_module.session_cache_path(tmp_path / "one.onnx").exists()  # its own entries still pruned
+
+
 def test_a_big_batch_runs_a_few_images_at_a_time_on_the_cpu(model):
     from flowerx import predictor
 
