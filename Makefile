@@ -49,7 +49,7 @@ bench: $(BIN)/.installed
 	$(BIN)/flowerx bench --model-dir $(SHARED)/models \
 		--graph runs/mobilenet_1.0_224/model.onnx runs/mobilenet_1.0_224/model.int8.onnx \
 		--architectures mobilenet_1.0_224 mobilenet_0.75_224 mobilenet_0.50_224 mobilenet_0.25_224 \
-		--image-dir $(SHARED)/flower_photos --json $(RESULTS)/inference_default.json \
+		--image-dir $(SHARED)/flower_photos --rounds 3 --json $(RESULTS)/inference_default.json \
 		--csv $(RESULTS)/inference_default.csv --plot $(RESULTS)/inference_default.png
 	$(BIN)/flowerx bench --full --model-dir $(SHARED)/models --json $(RESULTS)/inference_full.json \
 		--csv $(RESULTS)/inference_full.csv --plot $(RESULTS)/inference_full.png

@@ -1,7 +1,8 @@
 """int8 (static QDQ) conversion of a flowerx model's feature network, and the head's removal to get it.
 
 onnxruntime's `quantize_dynamic` makes these conv nets slower; static QDQ (per-channel int8 weights, uint8
-activations with MinMax ranges from real images; the first convolution stays float) makes them 2-3x faster.
+activations with MinMax ranges from real images; the first convolution and a depthwise one after it stay
+float) makes them 2-3x faster.
 flowerx.quantize decides what to calibrate on, re-fits the head and gates on accuracy; this module only
 converts.
 """
@@ -62,12 +63,19 @@ def strip_head(model):
 
 
 def float_front(model) -> list[str]:
-    """The names of the first convolution and the input normalisation before it (Mul/Add/Sub/Div, and a
-    Transpose), which quantize_features keeps in float. In int8 that convolution (3 input channels: an
-    im2col of 27 values per output pixel) was the slowest node of mobilenet_1.0_224 (330 us of 2.4 ms at one
-    thread); in float it runs as one of onnxruntime's NCHWc convolutions, and the network runs about 5% faster
-    even with the quantize, reorder and transpose that then follow it."""
+    """The names of what quantize_features keeps in float: the first convolution, the input normalisation
+    before it (Mul/Add/Sub/Div, and a Transpose), and a depthwise convolution right after it (through its
+    activation). In int8 that first convolution (3 input channels: an im2col of 27 values per output pixel)
+    was the slowest node of mobilenet_1.0_224 (330 us of 2.4 ms at one thread), and onnxruntime's int8
+    depthwise kernel wastes most of its vector on the few channels that follow it (8 in mobilenet_0.25_224:
+    319 us of 1.5 ms, against 68 us in float). In float the two run as onnxruntime's NCHWc convolutions, and
+    the int8 network is faster even with the quantize, reorder and transpose that then follow them
+    (measured: mobilenet_0.25_224 16-21%, mobilenet_0.50_224 9%, mobilenet_1.0_224 1-2%)."""
     producer = {out: node for node in model.graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
     first = next((node for node in model.graph.node if node.op_type == "Conv"), None)
     if first is None:
         return []
@@ -75,7 +83,28 @@ def float_front(model) -> list[str]:
     while node is not None and node.op_type in ("Mul", "Add", "Sub", "Div", "Transpose"):
         names.append(node.name)
         node = next((producer[i] for i in node.input if i in producer), None)  # the data, not a constant
+    between, node = [], first
+    while True:  # forward through the activation to the next node
+        users = consumers.get(node.output[0], [])
+        if len(users) != 1:
+            break
+        node = users[0]
+        if node.op_type != "Conv":
+            if node.op_type not in ("Relu", "Clip"):
+                break
+            between.append(node.name)
+            continue
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if group > 1 and group == _out_channels(model, first):  # depthwise over the first conv's channels
+            names += [*between, node.name]
+        break
     return [name for name in names if name]  # an unnamed node cannot be told apart from the others
+
+
+def _out_channels(model, conv) -> int:
+    """A convolution's output channels, from its weights' first dimension (0 where they are not a constant)."""
+    weights = next((i for i in model.graph.initializer if i.name == conv.input[1]), None)
+    return int(weights.dims[0]) if weights is not None and weights.dims else 0
 
 
 def _streamed_ranges(model_path: str, calibration: np.ndarray, step: int, method, options: dict, work: str):
@@ -104,7 +133,8 @@ def _streamed_ranges(model_path: str, calibration: np.ndarray, step: int, method
 def quantize_features(features_model, calibration: np.ndarray, method: str = "minmax") -> bytes:
     """Static QDQ int8 (per-channel weights, uint8 activations) of a feature network, its activation ranges
     from the calibration images by MinMax, or by a percentile (99.999) or entropy of streamed histograms. The
-    first convolution and the normalisation before it stay in float (float_front)."""
+    first convolution, the normalisation before it and a depthwise convolution after it stay in float
+    (float_front)."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,

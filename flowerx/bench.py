@@ -70,6 +70,9 @@ class BenchConfig:
     seconds: float = 3.0  # time budget per batch-1 measurement
     batch: int = 32  # batch size of the throughput measurement
     end_to_end_repeats: int = 3
+    # Each measurement this many times, each time in a new process, the rounds interleaved (every runtime of a
+    # model, then again): on a shared host one process's thread placement can double a latency.
+    rounds: int = 1
 
     @classmethod
     def quick(cls, **overrides) -> BenchConfig:
@@ -99,6 +102,7 @@ class Row:
     peak_mb: float | None = None
     ratio: float | None = None  # this runtime's median latency / flowerx's (onnxruntime), same model and threads
     accuracy: float | None = None
+    rounds_ms: list[float] = field(default_factory=list)  # each round's median latency, in the order measured
 
 
 @dataclass
@@ -360,8 +364,10 @@ def _sample_image(cfg: BenchConfig) -> Path:
 def run(cfg: BenchConfig, on_step: Callable[[str, int, int], None] = lambda s, done, total: None) -> BenchReport:
     """Prepare every model, measure every (model, runtime, threads), then accuracy and end to end.
     The work is planned first as a list of steps, so on_step(description, steps done, total) always adds up."""
-    if cfg.runs <= 0 or not 0 < cfg.seconds < 3600 or cfg.batch <= 0 or any(t <= 0 for t in cfg.threads):
-        raise FlowerxError("--runs, --batch and --threads must be positive, --seconds from 0 to 3600")
+    if cfg.runs <= 0 or cfg.rounds <= 0 or cfg.batch <= 0 or any(t <= 0 for t in cfg.threads):
+        raise FlowerxError("--runs, --rounds, --batch and --threads must be positive")
+    if not 0 < cfg.seconds < 3600:
+        raise FlowerxError("--seconds must be from 0 to 3600")
     models = _plan_models(cfg)
     rows: list[Row] = []
     end_to_end: list[dict] = []
@@ -370,6 +376,7 @@ def run(cfg: BenchConfig, on_step: Callable[[str, int, int], None] = lambda s, d
         on_step(description, done, len(plan))
         step()
     on_step("done", len(plan), len(plan))
+    rows[:] = merge_rounds(rows)
     _set_ratios(rows)
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
     return BenchReport(machine_info(), rows, end_to_end, config)
@@ -382,10 +389,12 @@ def _plan(
     plan: list[tuple[str, Callable]] = []
     for model in models:
         plan.append((f"preparing {model.name}", partial(_prepare_step, model, cfg)))
-        for runtime in cfg.runtimes:
-            for threads in cfg.threads:
-                what = f"{model.name}: {runtime}, {threads} thread{'s' if threads > 1 else ''}"
-                plan.append((what, partial(_measure_step, rows, model, runtime, threads, cfg)))
+        for round_ in range(cfg.rounds):
+            for runtime in cfg.runtimes:
+                for threads in cfg.threads:
+                    what = f"{model.name}: {runtime}, {threads} thread{'s' if threads > 1 else ''}"
+                    what += f" (round {round_ + 1} of {cfg.rounds})" if cfg.rounds > 1 else ""
+                    plan.append((what, partial(_measure_step, rows, model, runtime, threads, cfg)))
     for model in (m for m in models if m.trained and cfg.image_dir):
         plan.append((f"accuracy of {model.name}", partial(_set_accuracy, model, rows, cfg)))
     if cfg.end_to_end_repeats > 0 and models:
@@ -412,8 +421,36 @@ def _end_to_end_step(end_to_end: list[dict], model: _Model, cfg: BenchConfig) ->
         end_to_end.append(_end_to_end(model, _sample_image(cfg), cfg))
 
 
+def merge_rounds(rows: list[Row]) -> list[Row]:
+    """One row per (model, runtime, threads), in the order first measured: of its rounds, the process with
+    the median latency (its other figures come with it), every round's median in rounds_ms. Rounds that
+    failed are dropped where another ran; where none ran, the first one's status stands."""
+    groups: dict[tuple[str, str, int], list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.model, row.runtime, row.threads), []).append(row)
+    merged = []
+    for group in groups.values():
+        ran = [r for r in group if r.status == "ok" and r.median_ms is not None]
+        if not ran:
+            merged.append(group[0])
+            continue
+        pick = sorted(ran, key=lambda r: r.median_ms)[(len(ran) - 1) // 2]
+        pick.rounds_ms = [r.median_ms for r in ran]
+        merged.append(pick)
+    return merged
+
+
+def latency_ratio(ms: list[float], base_ms: list[float]) -> float:
+    """Latency against a baseline's: the median of the rounds' ratios, each round paired with the baseline's
+    round measured beside it (seconds apart), or the ratio of the medians where the rounds do not pair up."""
+    if len(ms) == len(base_ms) > 0:
+        return statistics.median(a / b for a, b in zip(ms, base_ms))
+    return statistics.median(ms) / statistics.median(base_ms)
+
+
 def _set_ratios(rows: list[Row]) -> None:
-    """Each row's latency against flowerx's predictor on the same model and threads, in the same run."""
+    """Each row's latency against flowerx's predictor on the same model and threads, in the same run (the
+    rounds paired: latency_ratio)."""
     for row in rows:
         base = next(
             (
@@ -424,7 +461,7 @@ def _set_ratios(rows: list[Row]) -> None:
             None,
         )
         if base and row.median_ms:
-            row.ratio = row.median_ms / base.median_ms
+            row.ratio = latency_ratio(row.rounds_ms or [row.median_ms], base.rounds_ms or [base.median_ms])
 
 
 def _set_accuracy(model: _Model, rows: list[Row], cfg: BenchConfig) -> None:

@@ -343,6 +343,12 @@ def _add_bench(sub, common, full: bool = True) -> None:
     p.add_argument("--runs", type=int, help="batch-1 runs per measurement, at most (default: 100)")
     p.add_argument("--seconds", type=float, help="time budget per batch-1 measurement (default: 3)")
     p.add_argument("--batch", type=int, help="batch size for throughput (default: 32)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        help="time everything N times, interleaved, each time in a new process, and keep each row's median "
+        "(default: 1; for noisy machines)",
+    )
     p.add_argument("--wide", action="store_true", help="every column in the table (default: the main ones)")
     p.add_argument("--json", metavar="PATH", help="write the results (with the machine's description) as JSON")
     p.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
@@ -749,6 +755,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             runs=args.runs,
             seconds=args.seconds,
             batch=args.batch,
+            rounds=args.rounds,
             architectures=bench.FULL_ARCHITECTURES if args.full else args.architectures,
         ).items()
         if v is not None

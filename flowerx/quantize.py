@@ -1,7 +1,8 @@
 """int8 models: static QDQ quantization of the feature network, with the head re-fitted to its features.
 
 onnxruntime's `quantize_dynamic` makes these conv nets slower; static QDQ (per-channel int8 weights, uint8
-activations with MinMax ranges from 200 training images, the first convolution float) makes them 2-3x faster.
+activations with MinMax ranges from 200 training images, the first convolution and the depthwise one after it
+float) makes them 2-3x faster.
 Quantizing shifts the features a little, which costs the float head 1-2 points; re-training the head on
 the int8 network's own features (seconds) wins most of that back. The int8 model is written beside the float
 one only when its test accuracy is within `max_drop` points of the float model's. Training side: needs onnx
@@ -36,7 +37,8 @@ CALIBRATION_IMAGES = 200  # activation ranges come from this many training image
 # 99.9: 87.1), entropy 87.1% (minmax with it float: 88.1%); the histogram methods' peak memory is MinMax's
 # (830 MB), not the 3 GB of onnxruntime's own calibrators.
 QUANTIZATION = (
-    "int8 static QDQ, per-channel weights, {}-calibrated activations, first convolution float, head re-fitted"
+    "int8 static QDQ, per-channel weights, {}-calibrated activations, first convolution and the depthwise one after"
+    " it float, head re-fitted"
 )
 
 

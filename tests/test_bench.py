@@ -26,6 +26,8 @@ def test_bench_quick_json(tmp_path):
         str(tmp_path / "work"),
         "--model-dir",
         str(tmp_path / "no-weights"),
+        "--rounds",
+        "2",
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -55,12 +57,37 @@ def test_bench_quick_json(tmp_path):
         ):
             assert row[key] > 0, (row["runtime"], key)
         assert row["median_ms"] <= row["p90_ms"] <= row["p99_ms"]
+        assert len(row["rounds_ms"]) == 2 and row["median_ms"] == min(row["rounds_ms"])  # the lower of two
     assert rows["onnxruntime"]["ratio"] == 1.0
     assert 10e6 < rows["onnxruntime"]["macs"] < 20e6  # mobilenet_0.25_128: ~14 MMACs
     (e2e,) = report["end_to_end"]
     assert e2e["flowerx_s"] > 0 and e2e["tensorflow_s"] > 0 and e2e["speedup"] > 0
     assert (tmp_path / "chart.png").stat().st_size > 10_000
     assert (tmp_path / "bench.csv").read_text().startswith("model,runtime,threads")
+
+
+def _row(runtime: str, status: str = "ok", ms: float | None = None) -> bench.Row:
+    return bench.Row("m", runtime, 1, "random", status=status, median_ms=ms, p90_ms=ms and ms * 1.1)
+
+
+def test_rounds_keep_the_median_process_and_pair_the_ratios():
+    """--rounds N: one row per model, runtime and threads, the median process's figures with it; ratios are
+    the median of the rounds' own ratios (a round's two runtimes measured seconds apart), so one slow
+    process in one round cannot make the ratio."""
+    ours = [_row("onnxruntime", ms=ms) for ms in (1.0, 2.0, 1.1)]  # the second round's process was slow
+    lite = [_row("litert", ms=ms) for ms in (0.9, 1.8, 1.2)]
+    failed = [_row("tensorflow", status="failed: worker crashed"), _row("tensorflow", ms=5.0)]
+    skipped = [_row("litert-int8", status="skipped: not installed")] * 3
+    rows = bench.merge_rounds([ours[0], lite[0], failed[0], skipped[0], ours[1], lite[1], failed[1], ours[2], lite[2]])
+    by = {r.runtime: r for r in rows}
+    assert [r.runtime for r in rows] == ["onnxruntime", "litert", "tensorflow", "litert-int8"]  # first-seen order
+    assert by["onnxruntime"] is ours[2] and by["onnxruntime"].rounds_ms == [1.0, 2.0, 1.1]  # median 1.1, p90 kept
+    assert by["tensorflow"].median_ms == 5.0 and by["tensorflow"].rounds_ms == [5.0]  # the failed round dropped
+    assert by["litert-int8"].status.startswith("skipped")
+    bench._set_ratios(rows)
+    assert by["litert"].ratio == pytest.approx(0.9)  # ratios 0.9, 0.9, 1.09: median 0.9 (medians' ratio: 1.09)
+    assert by["onnxruntime"].ratio == 1.0
+    assert bench.latency_ratio([2.0, 4.0], [1.0]) == pytest.approx(3.0)  # rounds that do not pair: medians
 
 
 def test_bench_bad_arguments(tmp_path):
