@@ -70,7 +70,7 @@ def float_front(model) -> list[str]:
     depthwise kernel wastes most of its vector on the few channels that follow it (8 in mobilenet_0.25_224:
     319 us of 1.5 ms, against 68 us in float). In float the two run as onnxruntime's NCHWc convolutions, and
     the int8 network is faster even with the quantize, reorder and transpose that then follow them
-    (measured: mobilenet_0.25_224 16-21%, mobilenet_0.50_224 9%, mobilenet_1.0_224 1-2%)."""
+    (measured: mobilenet_0.25_224 16-21%, mobilenet_0.50_224 9%, mobilenet_1.0_224 1-3%)."""
     producer = {out: node for node in model.graph.node for out in node.output}
     consumers: dict[str, list] = {}
     for node in model.graph.node:
