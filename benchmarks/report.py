@@ -59,10 +59,11 @@ def _rounds(row: dict) -> list[float]:
 def _vs(ours: dict, lite: dict) -> str:
     """flowerx/LiteRT latency (the median of the rounds' ratios, and their range) and the verdict of the
     target "no slower than LiteRT"."""
-    slower = latency_ratio(_rounds(ours), _rounds(lite))
+    mine, theirs = _rounds(ours), _rounds(lite)
+    slower = latency_ratio(mine, theirs)
     verdict = "met" if slower <= 1.0 else f"missed: flowerx is {(slower - 1) * 100:.0f}% slower"
-    each = [a / b for a, b in zip(_rounds(ours), _rounds(lite))] if len(_rounds(ours)) == len(_rounds(lite)) else []
-    spread = f"; rounds {min(each):.2f}-{max(each):.2f}" if len(each) > 1 else ""
+    each = [a / b for a, b in zip(mine, theirs)] if len(mine) == len(theirs) > 1 else []
+    spread = f"; rounds {min(each):.2f}-{max(each):.2f}" if each else ""
     return f"flowerx/LiteRT = **{slower:.2f}** (target <= 1: {verdict}{spread})."
 
 

@@ -83,21 +83,14 @@ def float_front(model) -> list[str]:
     while node is not None and node.op_type in ("Mul", "Add", "Sub", "Div", "Transpose"):
         names.append(node.name)
         node = next((producer[i] for i in node.input if i in producer), None)  # the data, not a constant
-    between, node = [], first
-    while True:  # forward through the activation to the next node
-        users = consumers.get(node.output[0], [])
-        if len(users) != 1:
-            break
-        node = users[0]
-        if node.op_type != "Conv":
-            if node.op_type not in ("Relu", "Clip"):
-                break
-            between.append(node.name)
-            continue
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    between, users = [], consumers.get(first.output[0], [])
+    while len(users) == 1 and users[0].op_type in ("Relu", "Clip"):  # forward through the activation
+        between.append(users[0].name)
+        users = consumers.get(users[0].output[0], [])
+    if len(users) == 1 and users[0].op_type == "Conv":
+        group = next((a.i for a in users[0].attribute if a.name == "group"), 1)
         if group > 1 and group == _out_channels(model, first):  # depthwise over the first conv's channels
-            names += [*between, node.name]
-        break
+            names += [*between, users[0].name]
     return [name for name in names if name]  # an unnamed node cannot be told apart from the others
 
 

@@ -461,7 +461,7 @@ def _set_ratios(rows: list[Row]) -> None:
             None,
         )
         if base and row.median_ms:
-            row.ratio = latency_ratio(row.rounds_ms or [row.median_ms], base.rounds_ms or [base.median_ms])
+            row.ratio = latency_ratio(row.rounds_ms, base.rounds_ms)  # merge_rounds filled them
 
 
 def _set_accuracy(model: _Model, rows: list[Row], cfg: BenchConfig) -> None:
