@@ -70,7 +70,9 @@ def float_front(model) -> list[str]:
     depthwise kernel wastes most of its vector on the few channels that follow it (8 in mobilenet_0.25_224:
     319 us of 1.5 ms, against 68 us in float). In float the two run as onnxruntime's NCHWc convolutions, and
     the int8 network is faster even with the quantize, reorder and transpose that then follow them
-    (measured: mobilenet_0.25_224 16-21%, mobilenet_0.50_224 9%, mobilenet_1.0_224 1-3%)."""
+    (measured: mobilenet_0.25_224 16-21%, mobilenet_0.50_224 9%, mobilenet_1.0_224 1-3%). Only a front can
+    stay float: onnxruntime (WeightBiasQuantization, 1.21+) quantizes, per tensor and at load time, the
+    weights of a float convolution that a DequantizeLinear feeds and a QuantizeLinear follows."""
     producer = {out: node for node in model.graph.node for out in node.output}
     consumers: dict[str, list] = {}
     for node in model.graph.node:
