@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from flowerx.bench import latency_ratio
@@ -212,6 +213,31 @@ def scale_tables(report: dict) -> str:
     return "\n".join(lines)
 
 
+INT8_KINDS = (("float", "float"), ("flowerx_int8", "flowerx int8"), ("litert_int8", "LiteRT int8"))
+
+
+def int8_accuracy_table(report: dict) -> str:
+    """flowerx's int8 against LiteRT's own int8 of the same trained network, per seed and on average
+    (benchmarks/int8_accuracy.py)."""
+    lines = [
+        "| model | seed | " + " | ".join(f"{title}: validation / test" for _, title in INT8_KINDS) + " |",
+        "|---|---|" + "---|" * len(INT8_KINDS),
+    ]
+
+    def cells(figures: list[dict]) -> str:
+        return " | ".join(
+            f"{statistics.mean(f[k]['validation'] for f in figures):.1f} / "
+            f"{statistics.mean(f[k]['test'] for f in figures):.1f}%"
+            for k, _ in INT8_KINDS
+        )
+
+    rows = report["rows"]
+    lines += [f"| {r['architecture']} | {r['seed']} | {cells([r])} |" for r in rows]
+    for arch in dict.fromkeys(r["architecture"] for r in rows):
+        lines.append(f"| {arch} | **mean** | {cells([r for r in rows if r['architecture'] == arch])} |")
+    return "\n".join(lines)
+
+
 def machine_line(report: dict) -> str:
     m = report["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
@@ -232,6 +258,9 @@ def main() -> None:
     openvino = _load("inference_openvino.json")
     if openvino:
         text = text.replace("{{inference_openvino}}", inference_table(openvino))
+    int8 = _load("int8_accuracy.json")
+    if int8:
+        text = text.replace("{{int8_accuracy}}", int8_accuracy_table(int8))
     scale = _load("scale.json")
     if scale:
         text = text.replace("{{scale}}", scale_tables(scale))

@@ -111,7 +111,7 @@ def export_int8(
     path = int8_path(float_graph)
     check_outputs({"the int8 model": path}, {"--graph": float_graph}, {"image dir": image_dir})
     contract = Predictor(float_graph, providers="cpu").contract
-    items, y, names = _labelled_split(contract, float_graph.name, image_dir, follow_links)
+    items, y, names = labelled_split(contract, float_graph.name, image_dir, follow_links)
     model = onnx.load(str(float_graph))
     try:
         features_model = strip_head(model)
@@ -119,7 +119,7 @@ def export_int8(
         raise FlowerxError(str(e)) from None
     weights = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name.startswith(HEAD_PREFIX)}
     head_cfg = head or _recorded_head(contract)
-    images = _calibration_images(items, names, contract.input_size, head_cfg.seed, calibration_images)
+    images = calibration_set(items, names, contract.input_size, head_cfg.seed, calibration_images)
     events.info(f"int8: calibrating on {len(images)} training images ({calibration})")
     quantized = quantize_features(features_model, images, calibration)
     int8_x, ok = compute_features(quantized, items, contract.input_size)
@@ -157,7 +157,7 @@ def check_int8_arguments(max_drop: float, calibration: str) -> None:
         )
 
 
-def _labelled_split(
+def labelled_split(
     contract: Contract, name: str, image_dir: str, follow_links: bool
 ) -> tuple[list[ImageItem], np.ndarray, np.ndarray]:
     """image_dir's items, their label indices in the model's order, and the training run's split of them."""
@@ -183,7 +183,7 @@ def _recorded_head(contract: Contract) -> HeadConfig:
     return HeadConfig(**{k: config[v] for k, v in names.items() if isinstance(config.get(v), (int, float))})
 
 
-def _calibration_images(items: list[ImageItem], names: np.ndarray, size: int, seed: int, count: int) -> np.ndarray:
+def calibration_set(items: list[ImageItem], names: np.ndarray, size: int, seed: int, count: int) -> np.ndarray:
     """count readable training images, picked at random (seeded), decoded on all cores."""
     train_items = [items[i] for i in np.flatnonzero(names == "train")]
 

@@ -106,3 +106,17 @@ def test_openvino_rows_run_where_its_provider_is_installed_and_say_so_elsewhere(
         assert row.status.startswith("skipped:") and "onnxruntime-openvino" in row.status
     else:  # installed: it goes on to the model file, which this one lacks
         assert "no model.onnx" in row.status
+
+
+def test_int8_accuracy_table_gives_each_seed_and_the_mean():
+    from benchmarks.report import int8_accuracy_table
+
+    def row(seed: int, test: float) -> dict:
+        figures = {"validation": 80.0 + seed, "test": test}
+        return {"architecture": "mobilenet_0.25_224", "seed": seed, "float": figures, "flowerx_int8": figures,
+                "litert_int8": {"validation": 70.0, "test": 60.0}}  # fmt: skip
+
+    table = int8_accuracy_table({"rows": [row(0, 90.0), row(1, 87.0)]}).splitlines()
+    assert table[2] == "| mobilenet_0.25_224 | 0 | 80.0 / 90.0% | 80.0 / 90.0% | 70.0 / 60.0% |"
+    assert table[-1] == "| mobilenet_0.25_224 | **mean** | 80.5 / 88.5% | 80.5 / 88.5% | 70.0 / 60.0% |"
+    assert len(table) == 5  # header, rule, two seeds, the mean
