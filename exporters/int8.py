@@ -2,7 +2,7 @@
 
 onnxruntime's `quantize_dynamic` makes these conv nets slower; static QDQ (per-channel int8 weights, uint8
 activations with MinMax ranges from real images; the first convolution and a depthwise one after it stay
-float) makes them 2-3x faster.
+float) makes them 2-3x faster; each int8 convolution's bias is then corrected on the same images.
 flowerx.quantize decides what to calibrate on, re-fits the head and gates on accuracy; this module only
 converts.
 """
@@ -125,11 +125,74 @@ def _streamed_ranges(model_path: str, calibration: np.ndarray, step: int, method
     return calibrator.compute_data()
 
 
-def quantize_features(features_model, calibration: np.ndarray, method: str = "minmax") -> bytes:
+def _channel_means(model, names: list[str], images: np.ndarray, step: int) -> list[np.ndarray]:
+    """The mean over images, rows and columns of each NCHW tensor `names` of a model: one per channel."""
+    import onnx
+    import onnxruntime as ort
+
+    nodes = model.graph.node
+    producer = {out: k for k, node in enumerate(nodes) for out in node.output}
+    needed, todo = set(), list(names)  # the nodes these tensors depend on: the rest need not run
+    while todo:
+        k = producer.get(todo.pop())
+        if k is not None and k not in needed:
+            needed.add(k)
+            todo.extend(nodes[k].input)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.node[:]
+    probe.graph.node.extend(nodes[k] for k in sorted(needed))
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    sums, counts = [np.zeros(())] * len(names), [0] * len(names)
+    for i in range(0, len(images), step):
+        for k, out in enumerate(session.run(names, {INPUT: images[i : i + step]})):
+            sums[k] = sums[k] + out.sum(axis=(0, 2, 3), dtype=np.float64)
+            counts[k] += out.shape[0] * out.shape[2] * out.shape[3]
+    return [total / count for total, count in zip(sums, counts)]
+
+
+def correct_biases(quantized, reference, calibration: np.ndarray, step: int = 8) -> int:
+    """Empirical bias correction, in place: in network order, shift each int8 convolution's int32 bias so that
+    the mean of its output per channel over the calibration images is the float network's (reference: the
+    same graph before quantization), the convolutions before it corrected already. Rounding int8 weights moves
+    a channel's mean by a few percent, and the moves add up along the network (what OpenVINO's NNCF corrects
+    by default too): mobilenet_0.25_224's int8 model, head only, seeds 0-2, gained 2.3 points of validation
+    and 1.0 of test accuracy (87.6-88.0 / 88.4-88.7%, float 87.6-88.0 / 88.7-89.0%). Returns how many
+    convolutions it corrected: those with an int32 bias behind a DequantizeLinear, by node name in both.
+    In order, not all at once: corrected together from one pass, each also makes up for the shifts before it,
+    which their own corrections remove (mobilenet_0.25_224: 77% validation after one pass, 36% after two)."""
+    from onnx import numpy_helper
+
+    producer = {out: node for node in quantized.graph.node for out in node.output}
+    constants = {i.name: i for i in quantized.graph.initializer}
+    floats = {n.name: n for n in reference.graph.node if n.op_type == "Conv" and n.name}
+    convs = []
+    for node in quantized.graph.node:
+        dq = producer.get(node.input[2]) if node.op_type == "Conv" and len(node.input) > 2 else None
+        if node.name in floats and dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in constants:
+            convs.append((node, constants[dq.input[0]], numpy_helper.to_array(constants[dq.input[1]])))
+    if not convs:
+        return 0
+    targets = _channel_means(reference, [floats[node.name].output[0] for node, _, _ in convs], calibration, step)
+    for (node, bias, scale), target in zip(convs, targets):
+        shift = _channel_means(quantized, [node.output[0]], calibration, step)[0] - target
+        steps = np.divide(shift, scale, out=np.zeros_like(shift), where=scale > 0)  # in units of the int32 bias
+        values = numpy_helper.to_array(bias).astype(np.int64) - np.round(steps).astype(np.int64)
+        bias.CopyFrom(numpy_helper.from_array(np.clip(values, -(2**31), 2**31 - 1).astype(np.int32), bias.name))
+    return len(convs)
+
+
+def quantize_features(
+    features_model, calibration: np.ndarray, method: str = "minmax", bias_correction: bool = True
+) -> bytes:
     """Static QDQ int8 (per-channel weights, uint8 activations) of a feature network, its activation ranges
-    from the calibration images by MinMax, or by a percentile (99.999) or entropy of streamed histograms. The
-    first convolution, the normalisation before it and a depthwise convolution after it stay in float
-    (float_front)."""
+    from the calibration images by MinMax, or by a percentile (99.999) or entropy of streamed histograms, and
+    its convolutions' biases corrected on the same images (correct_biases). The first convolution, the
+    normalisation before it and a depthwise convolution after it stay in float (float_front)."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -181,4 +244,8 @@ def quantize_features(features_model, calibration: np.ndarray, method: str = "mi
                 calibration_cache_path=cache,
                 nodes_to_exclude=float_front(onnx.load(pre_path)),
             )
-        return Path(out_path).read_bytes()
+        if not bias_correction:
+            return Path(out_path).read_bytes()
+        quantized = onnx.load(out_path)
+        correct_biases(quantized, onnx.load(pre_path), calibration[:usable], step)
+        return quantized.SerializeToString()

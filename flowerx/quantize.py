@@ -38,7 +38,7 @@ CALIBRATION_IMAGES = 200  # activation ranges come from this many training image
 # (830 MB), not the 3 GB of onnxruntime's own calibrators.
 QUANTIZATION = (
     "int8 static QDQ, per-channel weights, {}-calibrated activations, first convolution and the depthwise one after"
-    " it float, head re-fitted"
+    " it float, convolution biases corrected, head re-fitted"
 )
 
 
@@ -120,7 +120,7 @@ def export_int8(
     weights = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name.startswith(HEAD_PREFIX)}
     head_cfg = head or _recorded_head(contract)
     images = calibration_set(items, names, contract.input_size, head_cfg.seed, calibration_images)
-    events.info(f"int8: calibrating on {len(images)} training images ({calibration})")
+    events.info(f"int8: calibrating on {len(images)} training images ({calibration}), then correcting biases")
     quantized = quantize_features(features_model, images, calibration)
     int8_x, ok = compute_features(quantized, items, contract.input_size)
     splits = {s: np.flatnonzero((names == s) & ok) for s in ("train", "validation", "test")}
