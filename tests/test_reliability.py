@@ -182,9 +182,9 @@ def _popen(args: list[str]) -> subprocess.Popen:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["sigkill", "ctrl-c"])
 def test_interrupted_bottleneck_pass_resumes(shared, tmp_path, sig):
-    data = shared / "flower_photos"
+    data = subset(shared, tmp_path / "data", per_class=150)  # 450 photos: the whole set made this 4 minutes
     proc = _popen(_train_args(shared, data, tmp_path))
-    _kill_when(proc, lambda: len(_entries(tmp_path / "bn")) >= 300, sig)
+    _kill_when(proc, lambda: len(_entries(tmp_path / "bn")) >= 150, sig)
     sent = time.monotonic()
     _, stderr = proc.communicate(timeout=60)
     stopped_after = time.monotonic() - sent
@@ -200,7 +200,7 @@ def test_interrupted_bottleneck_pass_resumes(shared, tmp_path, sig):
     rerun = run_cli(*_train_args(shared, data, tmp_path))
     assert rerun.returncode == 0, rerun.stderr
     cached, computed = map(int, re.search(r"(\d+) cached, (\d+) computed", rerun.stdout).groups())
-    assert cached >= len(entries) and cached + computed == 3136 and "damaged" not in rerun.stdout
+    assert cached >= len(entries) and computed > 0 and cached + computed == 450 and "damaged" not in rerun.stdout
     assert not list((tmp_path / "bn").rglob("*.tmp")) or sig == signal.SIGKILL
 
 
