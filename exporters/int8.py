@@ -224,6 +224,7 @@ def quantize_features(
         onnx.save(features_model, float_path)
         with contextlib.redirect_stdout(io.StringIO()):  # the calibrator prints its progress
             quant_pre_process(float_path, pre_path, skip_symbolic_shape=True)  # folds BatchNorm, infers shapes
+            prepared = onnx.load(pre_path)  # what is quantized: float_front reads it, bias correction aims at it
             streamed, cache = HISTOGRAMS.get(method), None
             if streamed is not None:  # flowerx.quantize checked that this onnxruntime can (streams_histograms)
                 cache = os.path.join(work, "ranges.json")  # quantize_static reads the ranges from it
@@ -247,10 +248,10 @@ def quantize_features(
                 # number of batches failed with "No data is collected".
                 calibrate_method=getattr(CalibrationMethod, streamed[0]) if streamed else CalibrationMethod.MinMax,
                 calibration_cache_path=cache,
-                nodes_to_exclude=float_front(onnx.load(pre_path)),
+                nodes_to_exclude=float_front(prepared),
             )
         if not bias_correction:
             return Path(out_path).read_bytes()
         quantized = onnx.load(out_path)
-        correct_biases(quantized, onnx.load(pre_path), calibration[:usable], step)
+        correct_biases(quantized, prepared, calibration[:usable], step)
         return quantized.SerializeToString()

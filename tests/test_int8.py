@@ -98,16 +98,34 @@ def _two_convs(depthwise: bool = False):
         ("Conv", ["block" if depthwise else "front", "w"], ["conv"], {}),
         ("ReduceMean", ["conv"], ["features"], {"axes": [2, 3], "keepdims": 0}),
     ]
-    graph = helper.make_graph(
+    return _features_model(
         [helper.make_node(op, i, o, name=f"{op.lower()}_{n}", **a) for n, (op, i, o, a) in enumerate(nodes)],
+        weights if depthwise else weights[:3],
+        channels=4,
+    )
+
+
+def _features_model(nodes: list, initializers: list, channels: int):
+    """A feature network in miniature: uint8 NHWC 8 x 8 images in, `features` [N, channels] out."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        nodes,
         "features",
         [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 8, 8, 3])],
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 4])],
-        weights if depthwise else weights[:3],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", channels])],
+        initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
     model.ir_version = 8
     return model
+
+
+def _mean_features(model: bytes, images: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    return session.run(None, {"image": images})[0].mean(axis=0)
 
 
 def test_the_first_convolution_and_the_normalisation_stay_in_float():
@@ -181,7 +199,6 @@ def test_bias_correction_gives_each_int8_convolution_its_float_mean():
     the int8 network's mean per channel on the calibration images is the float one's again, its bias still
     int32 behind a DequantizeLinear."""
     import onnx
-    import onnxruntime as ort
     from onnx import numpy_helper
 
     from exporters.int8 import quantize_features
@@ -194,15 +211,11 @@ def test_bias_correction_gives_each_int8_convolution_its_float_mean():
     next(n for n in model.graph.node if n.name == "conv_4").input.append("b")
     images = np.random.default_rng(3).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)  # two batches of 8
 
-    def mean_features(model: bytes) -> np.ndarray:
-        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-        return session.run(None, {"image": images})[0].mean(axis=0)
-
-    float_mean = mean_features(model.SerializeToString())
+    float_mean = _mean_features(model.SerializeToString(), images)
     plain = quantize_features(model, images, bias_correction=False)
     corrected = quantize_features(model, images)
-    assert np.abs(mean_features(plain) - float_mean).min() > 5
-    assert np.abs(mean_features(corrected) - float_mean).max() < 0.2
+    assert np.abs(_mean_features(plain, images) - float_mean).min() > 5
+    assert np.abs(_mean_features(corrected, images) - float_mean).max() < 0.2
     biases = []
     for quantized in map(onnx.load_from_string, (plain, corrected)):
         producer = {o: n for n in quantized.graph.node for o in n.output}
@@ -216,7 +229,6 @@ def test_bias_correction_in_network_order_along_a_chain(monkeypatch):
     """Four int8 1x1 convolutions with ReLUs after a float first one: each is corrected after those before it,
     and the network's output means land on the float ones. Corrected all at once from one pass, each would
     also make up for shifts that the corrections before it remove, and overshoot (0.013 here, worse than none)."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     from exporters import int8
@@ -238,30 +250,18 @@ def test_bias_correction_in_network_order_along_a_chain(monkeypatch):
         nodes.append(helper.make_node("Conv", [f"a{k}", f"w{k}", f"b{k}"], [f"c{k}"], pads=pads, name=f"conv{k}"))
         nodes.append(helper.make_node("Relu", [f"c{k}"], [f"a{k + 1}"], name=f"relu{k}"))
     nodes.append(helper.make_node("ReduceMean", ["a5"], ["features"], axes=[2, 3], keepdims=0, name="mean"))
-    graph = helper.make_graph(
-        nodes,
-        "features",
-        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 8, 8, 3])],
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", channels])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
+    model = _features_model(nodes, inits, channels)
     images = np.random.default_rng(3).integers(0, 256, (32, 8, 8, 3), dtype=np.uint8)
     counts = []
     correct = int8.correct_biases
     monkeypatch.setattr(int8, "correct_biases", lambda *a, **k: counts.append(correct(*a, **k)) or counts[-1])
 
-    def mean_features(model: bytes) -> np.ndarray:
-        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-        return session.run(None, {"image": images})[0].mean(axis=0)
-
-    float_mean = mean_features(model.SerializeToString())
+    float_mean = _mean_features(model.SerializeToString(), images)
     plain = int8.quantize_features(model, images, bias_correction=False)
     corrected = int8.quantize_features(model, images)
     assert counts == [4]  # every int8 convolution, none of the float one
-    assert np.abs(mean_features(plain) - float_mean).max() > 0.006
-    assert np.abs(mean_features(corrected) - float_mean).max() < 0.003
+    assert np.abs(_mean_features(plain, images) - float_mean).max() > 0.006
+    assert np.abs(_mean_features(corrected, images) - float_mean).max() < 0.003
 
 
 def test_a_bad_calibration_fails_before_any_work():
