@@ -40,7 +40,7 @@ from .data import Dataset, Distortion, ImageItem, discover, prepare_image, split
 from .errors import FlowerxError, ImageError
 from .events import QUIET, Events
 from .fileio import atomic_write, check_folder, check_outputs
-from .finetune import FineTuneConfig, FineTuneResult, OverBudget, all_blocks, cut_layer, fine_tune, recipe
+from .finetune import FineTuneConfig, FineTuneResult, OverBudget, cut_layer, fine_tune, recipe
 from .head import HeadConfig, predict_logits, sample, train_head
 from .quantize import CALIBRATIONS, Int8Result, check_int8_arguments, export_int8, int8_path
 
@@ -125,7 +125,8 @@ class TrainConfig:
     fine_tune_blocks: int = _option(
         -1,
         "after the head, also train the network's top N blocks on fresh distorted views (MobileNet 1-13, "
-        "13 = all; Inception V3 1-10; 0: head only; -1: all of them when the run fits --time-budget)",
+        "13 = all; Inception V3 1-10; 0: head only; -1: the architecture's recipe (the top 9 for MobileNet widths "
+        "0.75-1.0 at 192-224 pixels, else all) when the run fits --time-budget)",
         "fine-tuning",
     )
     head_only: bool = _option(
@@ -143,14 +144,14 @@ class TrainConfig:
     fine_tune_epochs: int = _option(
         0,
         "fine-tuning epochs at most (early stopping on validation accuracy, patience 3 counted from half of them; "
-        "0: the architecture's recipe, 6 with --fine-tune-low-res, else 12)",
+        "0: the architecture's recipe, 6 for MobileNet widths 0.75-1.0 at 192-224 pixels and Inception V3, else 12)",
         "fine-tuning",
     )
     fine_tune_low_res: int = _option(
         -1,
         "progressive resizing: train the early fine-tuning epochs on views of this side in pixels (half the cost "
         "at 160 for a 224 network; 0, or one not below the network's: every epoch at the network's size; -1: "
-        "160 for MobileNet widths 0.75-1.0 at 192-224 pixels and Inception V3, else 0)",
+        "the architecture's recipe, 160 for Inception V3, else 0)",
         "fine-tuning",
     )
     fine_tune_full_res_epochs: int = _option(
@@ -269,7 +270,7 @@ class TrainConfig:
 
     def fine_tune(self, arch: Architecture) -> FineTuneConfig:
         """The fine-tuning settings for arch: the flags, with the architecture's recipe where they say auto."""
-        epochs, low_res = recipe(arch)
+        _, epochs, low_res = recipe(arch)
         return FineTuneConfig(
             self.fine_tune_blocks,
             self.fine_tune_learning_rate,
@@ -578,7 +579,7 @@ def _prepare(cfg: TrainConfig, events: Events, start: float) -> _Job:
     if cfg.head_only and cfg.fine_tune_blocks > 0:
         raise FlowerxError(f"--head-only and --fine-tune-blocks {cfg.fine_tune_blocks} contradict each other")
     auto = cfg.fine_tune_blocks == -1 and not cfg.head_only
-    cfg = replace(cfg, fine_tune_blocks=all_blocks(arch) if auto else 0 if cfg.head_only else cfg.fine_tune_blocks)
+    cfg = replace(cfg, fine_tune_blocks=recipe(arch)[0] if auto else 0 if cfg.head_only else cfg.fine_tune_blocks)
     if cfg.fine_tune_blocks:
         cut_layer(arch, cfg.fine_tune_blocks)  # an impossible block count fails now, not after the bottlenecks
         if not 1 <= cfg.fine_tune_full_res_epochs <= cfg.fine_tune(arch).max_epochs:
@@ -774,7 +775,7 @@ def _fine_tune(job: _Job, labels: np.ndarray, splits: dict[str, np.ndarray], ker
         left = f"{max(0, e.left_s):.0f} s of --time-budget {cfg.time_budget:g} left"
         why = f"fine-tuning would take about {e.estimate_s:.0f} s more, {left}"
         job.cfg = replace(cfg, fine_tune_blocks=0)
-        events.info(f"Kept the head alone: {why} (--fine-tune-blocks {all_blocks(job.arch)} fine-tunes anyway)")
+        events.info(f"Kept the head alone: {why} (--fine-tune-blocks {recipe(job.arch)[0]} fine-tunes anyway)")
         return None, None, why
     seconds = job.timings["fine_tune_s"]
     if tuned.epochs:

@@ -142,12 +142,18 @@ def test_the_estimate_scales_steps_by_pixels_and_adds_validation():
     assert decode_time([0.2, 0.1, 0.3], 32) == pytest.approx(0.2 / workers) and decode_time([], 32) == 0
     assert FineTuneConfig(13, max_epochs=3).size(1, 224) == 224  # no low_res: every epoch full size
     assert cfg.size(1, 128) == 128 and cfg.first_kept_epoch(128) == 1  # low_res not below the network's
-    # The default recipe: progressive resizing where a full-size epoch is costly, 12 full-size epochs elsewhere
-    assert recipe(get_architecture("mobilenet_1.0_224")) == (6, 160) == recipe(get_architecture("inception_v3"))
-    assert recipe(get_architecture("mobilenet_0.25_224")) == (12, 0) == recipe(get_architecture("mobilenet_1.0_128"))
+    # The default recipe (blocks, epochs, low_res): where a full-size epoch is costly, the top 9 blocks at full
+    # size (Inception V3: all, with progressive resizing); elsewhere all 13 blocks, 12 full-size epochs
+    assert recipe(get_architecture("mobilenet_1.0_224")) == (9, 6, 0) == recipe(get_architecture("mobilenet_0.75_192"))
+    assert recipe(get_architecture("inception_v3")) == (10, 6, 160)
+    assert (
+        recipe(get_architecture("mobilenet_0.25_224")) == (13, 12, 0) == recipe(get_architecture("mobilenet_1.0_128"))
+    )
     small = TrainConfig(image_dir="x").fine_tune(get_architecture("mobilenet_0.25_224"))
     assert (small.max_epochs, small.low_res) == (12, 0)
-    big = TrainConfig(image_dir="x", fine_tune_epochs=3).fine_tune(get_architecture("mobilenet_1.0_224"))
+    big = TrainConfig(image_dir="x", fine_tune_epochs=3, fine_tune_low_res=160).fine_tune(
+        get_architecture("mobilenet_1.0_224")
+    )
     assert (big.max_epochs, big.low_res) == (3, 160)  # a flag given wins over the recipe
 
 
@@ -189,3 +195,29 @@ def test_the_same_seed_and_data_give_the_same_fine_tuned_model(shared, tmp_path)
     a, b = (Predictor(tmp_path / f"{name}.onnx") for name in ("a", "b"))
     images = sorted(data.rglob("*.jpg"))[::4]
     assert a.probabilities(images).tolist() == b.probabilities(images).tolist()
+
+
+def test_fine_tuning_n_blocks_trains_those_blocks_and_the_head_only(shared):
+    """The recipe's default for the wide MobileNets is the top 9 blocks: one step changes them and the head,
+    and leaves the layers below them and every BatchNorm layer at their ImageNet values."""
+    import numpy as np
+
+    from flowerx.backbone import build_base, keras
+    from flowerx.finetune import _Tuner, cut_layer
+
+    arch = get_architecture("mobilenet_0.25_224")
+    base = build_base(arch, shared / "models" / arch.weights_file)
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(0, 0.01, (base.output_shape[-1], 3)).astype(np.float32)
+    tuner = _Tuner(base, arch, FineTuneConfig(9, learning_rate=1e-2), kernel, np.zeros(3, np.float32), steps=1)
+    images = rng.integers(0, 255, (4, 128, 128, 3), dtype=np.uint8)
+    tuner.step(tuner.tf.constant(images), tuner.tf.constant([0, 1, 2, 0], tuner.tf.int64))
+    cut = [layer.name for layer in base.layers].index(cut_layer(arch, 9))
+    for i, (before, after) in enumerate(zip(base.layers, tuner.net.layers)):
+        if not before.get_weights():
+            continue
+        changed = any(not np.array_equal(a, b) for a, b in zip(before.get_weights(), after.get_weights()))
+        frozen = i <= cut or isinstance(before, keras.layers.BatchNormalization)
+        assert changed != frozen, (before.name, changed)
+    assert cut_layer(arch, 9) == "conv_pw_4_relu"  # blocks 5-13 train
+    assert not np.array_equal(tuner.w.numpy(), kernel)
