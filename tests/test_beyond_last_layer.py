@@ -4,6 +4,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 from conftest import DAISY, run_cli, small_train_args, subset
 
@@ -200,8 +201,6 @@ def test_the_same_seed_and_data_give_the_same_fine_tuned_model(shared, tmp_path)
 def test_fine_tuning_n_blocks_trains_those_blocks_and_the_head_only(shared):
     """The recipe's default for the wide MobileNets is the top 9 blocks: one step changes them and the head,
     and leaves the layers below them and every BatchNorm layer at their ImageNet values."""
-    import numpy as np
-
     from flowerx.backbone import build_base, keras
     from flowerx.finetune import _Tuner, cut_layer
 
