@@ -40,7 +40,7 @@ from .data import Dataset, Distortion, ImageItem, discover, prepare_image, split
 from .errors import FlowerxError, ImageError
 from .events import QUIET, Events
 from .fileio import atomic_write, check_folder, check_outputs
-from .finetune import FineTuneConfig, FineTuneResult, OverBudget, cut_layer, fine_tune, recipe
+from .finetune import FineTuneConfig, FineTuneResult, OverBudget, cut_layer, epochs_that_fit, fine_tune, recipe
 from .head import HeadConfig, predict_logits, sample, train_head
 from .quantize import CALIBRATIONS, Int8Result, check_int8_arguments, export_int8, int8_path
 
@@ -135,7 +135,7 @@ class TrainConfig:
     time_budget: float = _option(
         300.0,
         "seconds the whole run may take: with --fine-tune-blocks -1, fine-tuning runs when the estimate from "
-        "its first steps fits, else the head alone is kept",
+        "its first steps fits, else with as many epochs as fit (at least 3), else the head alone is kept",
         "fine-tuning",
     )
     fine_tune_learning_rate: float = _option(
@@ -754,12 +754,14 @@ def _fine_tune(job: _Job, labels: np.ndarray, splits: dict[str, np.ndarray], ker
         cfg.distortion.id,
         cfg.distorted_views,
     ]  # the head's starting point, part of the checkpoint's key
-    try:
-        with job.timed("fine_tune_s"):
+    t = time.perf_counter()
+    while True:  # with --fine-tune-blocks -1: fewer epochs where the first steps say all of them would not fit
+        ft, attempt = cfg.fine_tune(job.arch), time.perf_counter()
+        try:
             tuned = fine_tune(
                 networks.base(),
                 job.arch,
-                cfg.fine_tune(job.arch),
+                ft,
                 job.dataset.items,
                 labels,
                 splits,
@@ -771,13 +773,20 @@ def _fine_tune(job: _Job, labels: np.ndarray, splits: dict[str, np.ndarray], ker
                 key_parts={"head": head_key},
                 deadline=job.deadline,
             )
-    except OverBudget as e:
-        left = f"{max(0, e.left_s):.0f} s of --time-budget {cfg.time_budget:g} left"
-        why = f"fine-tuning would take about {e.estimate_s:.0f} s more, {left}"
-        job.cfg = replace(cfg, fine_tune_blocks=0)
-        events.info(f"Kept the head alone: {why} (--fine-tune-blocks {recipe(job.arch)[0]} fine-tunes anyway)")
-        return None, None, why
-    seconds = job.timings["fine_tune_s"]
+            break
+        except OverBudget as e:
+            left = f"{max(0, e.left_s):.0f} s of --time-budget {cfg.time_budget:g} left"
+            why = f"fine-tuning {ft.max_epochs} epochs would take about {e.estimate_s:.0f} s more, {left}"
+            # a fresh start pays again what this attempt spent before its estimate (building, tracing)
+            fit = epochs_that_fit(ft, e.probe, e.left_s - (time.perf_counter() - attempt))
+            if fit:
+                events.info(f"Fine-tuning {fit} epochs: {why}")
+                job.cfg = cfg = replace(cfg, fine_tune_epochs=fit)
+                continue
+            job.cfg = replace(cfg, fine_tune_blocks=0)
+            events.info(f"Kept the head alone: {why} (--fine-tune-blocks {recipe(job.arch)[0]} fine-tunes anyway)")
+            return None, None, why
+    seconds = job.timings["fine_tune_s"] = time.perf_counter() - t  # with any attempt cut short
     if tuned.epochs:
         events.info(
             f"Fine-tuned the top {cfg.fine_tune_blocks} block(s): kept epoch {tuned.epochs} (validation "

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from conftest import DAISY, run_cli, small_train_args, subset
 
 from flowerx import Predictor
 from flowerx.architectures import get_architecture
-from flowerx.finetune import FineTuneConfig, decode_time, estimate_s, recipe
+from flowerx.finetune import MIN_EPOCHS, FineTuneConfig, Probe, decode_time, epochs_that_fit, estimate_s, recipe
 from flowerx.train import TrainConfig
 
 
@@ -158,6 +159,22 @@ def test_the_estimate_scales_steps_by_pixels_and_adds_validation():
     assert (big.max_epochs, big.low_res) == (3, 160)  # a flag given wins over the recipe
 
 
+def test_fewer_epochs_where_the_recipe_does_not_fit():
+    """The epochs that fit what is left of --time-budget, estimated from the first steps of the full run:
+    the most that fit, never fewer than MIN_EPOCHS (0: the head alone)."""
+    probe = Probe(step_s=1.0, size=224, full=224, steps=10, validation=96, decode_s=0.0)
+    cfg = FineTuneConfig(9, max_epochs=6)
+    epoch_s = probe.run_s(replace(cfg, max_epochs=2)) - probe.run_s(replace(cfg, max_epochs=1))
+    assert epoch_s == pytest.approx(10 + 96 / 32 / 3)  # its steps and its validation (forward only)
+    assert probe.run_s(cfg) == pytest.approx(6 * epoch_s + 1)  # and the validation before the first epoch
+    assert epochs_that_fit(cfg, probe, probe.run_s(cfg)) == 5  # fewer than the recipe, or why shorten
+    assert epochs_that_fit(cfg, probe, 4.5 * epoch_s + 1) == 4
+    assert epochs_that_fit(cfg, probe, MIN_EPOCHS * epoch_s) == 0  # not even MIN_EPOCHS: the head alone
+    assert epochs_that_fit(FineTuneConfig(9, max_epochs=MIN_EPOCHS), probe, 1e9) == 0
+    resized = FineTuneConfig(10, max_epochs=6, low_res=112, full_res_epochs=2)  # low-res epochs cost a quarter
+    assert epochs_that_fit(resized, probe, probe.run_s(replace(resized, max_epochs=4)) + 0.1) == 4
+
+
 @pytest.mark.slow
 def test_the_default_fine_tunes_when_the_estimate_fits_the_time_budget(shared, tmp_path):
     data = subset(shared, tmp_path / "data", per_class=110)  # 7 training steps an epoch: enough to estimate
@@ -175,8 +192,9 @@ def test_the_default_fine_tunes_when_the_estimate_fits_the_time_budget(shared, t
     assert fits["fine_tune"]["epoch_sizes"] == [128, 224]  # progressive resizing: the last epoch full size
     assert fits["fine_tune"]["estimated_from_epoch"] == 1 and fits["fine_tune"]["estimated_s"] > 0
     long = default("--fine-tune-epochs", "1000", "--time-budget", "60")  # after 6 steps: far over the budget
-    assert long["fine_tune"] is None and "fine-tuning would take about" in long["head_only_why"]
-    assert "Kept the head alone: fine-tuning would take about" in long["stdout"]
+    epochs = long["fine_tune"]["max_epochs"]  # so it fine-tuned as many epochs as fit instead
+    assert MIN_EPOCHS <= epochs < 1000 and long["head_only_why"] == "" and long["fine_tune"]["epochs_run"] <= epochs
+    assert f"Fine-tuning {epochs} epochs: fine-tuning 1000 epochs would take about" in long["stdout"]
     few = default(*quick, "--validation-percentage", "3")  # the last --validation-percentage wins
     assert few["fine_tune"] is None and "validation images, too few" in few["head_only_why"]
     plain = default("--head-only")
