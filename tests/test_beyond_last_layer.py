@@ -194,7 +194,9 @@ def test_the_default_fine_tunes_when_the_estimate_fits_the_time_budget(shared, t
     long = default("--fine-tune-epochs", "1000", "--time-budget", "60")  # after 6 steps: far over the budget
     epochs = long["fine_tune"]["max_epochs"]  # so it fine-tuned as many epochs as fit instead
     assert MIN_EPOCHS <= epochs < 1000 and long["head_only_why"] == "" and long["fine_tune"]["epochs_run"] <= epochs
-    assert f"Fine-tuning {epochs} epochs: fine-tuning 1000 epochs would take about" in long["stdout"]
+    # the shortened run checks its own first steps too, and may shorten again where the host slowed meanwhile
+    first = re.search(r"Fine-tuning (\d+) epochs: fine-tuning 1000 epochs would take about", long["stdout"])
+    assert first and epochs <= int(first[1]), long["stdout"]
     few = default(*quick, "--validation-percentage", "3")  # the last --validation-percentage wins
     assert few["fine_tune"] is None and "validation images, too few" in few["head_only_why"]
     plain = default("--head-only")
