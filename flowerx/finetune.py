@@ -417,6 +417,42 @@ def _key_settings(arch: Architecture, cfg: FineTuneConfig) -> dict:
     return settings
 
 
+def _run_key(
+    arch: Architecture, cfg: FineTuneConfig, items: Sequence[ImageItem], splits: dict, key_parts: dict | None
+) -> str:
+    """The checkpoint key of a run: its settings, its splits' sizes, key_parts, and its training and
+    validation images."""
+    return checkpoint_key(
+        {**_key_settings(arch, cfg), "splits": {k: len(v) for k, v in splits.items()}, **(key_parts or {})},
+        [items[i] for i in np.concatenate([splits["train"], splits["validation"]])],
+    )
+
+
+def shortened_epochs(
+    checkpoint: Path,
+    arch: Architecture,
+    cfg: FineTuneConfig,
+    items: Sequence[ImageItem],
+    splits: dict,
+    key_parts: dict | None = None,
+) -> int | None:
+    """The epochs of the run that checkpoint holds when it is cfg's run with fewer epochs (an earlier process
+    shortened it to fit --time-budget), so a rerun resumes or reuses it instead of training anew; else None."""
+    try:
+        with np.load(checkpoint, allow_pickle=False) as data:
+            state = json.loads(str(data["state"]))
+    except (OSError, ValueError, KeyError, EOFError, json.JSONDecodeError):
+        return None
+    epochs = state.get("max_epochs")
+    if state.get("version") != CHECKPOINT_VERSION or not isinstance(epochs, int) or not 0 < epochs < cfg.max_epochs:
+        return None
+    return (
+        epochs
+        if state.get("key") == _run_key(arch, replace(cfg, max_epochs=epochs), items, splits, key_parts)
+        else None
+    )
+
+
 def fine_tune(
     base,
     arch: Architecture,
@@ -439,11 +475,7 @@ def fine_tune(
     train, validation = splits["train"], splits["validation"]
     steps = max(1, len(train) // cfg.batch_size)
     tuner = _Tuner(base, arch, cfg, kernel, bias, steps)
-    settings = _key_settings(arch, cfg)
-    key = checkpoint_key(
-        {**settings, "splits": {k: len(v) for k, v in splits.items()}, **(key_parts or {})},
-        [items[i] for i in np.concatenate([train, validation])],
-    )
+    key = _run_key(arch, cfg, items, splits, key_parts)
     state, best, resumed = _resume_or_start(checkpoint, key, tuner, items, labels, validation, events)
     tf = tuner.tf
     writer = (
@@ -491,6 +523,7 @@ def _resume_or_start(
     state = {
         "version": CHECKPOINT_VERSION,
         "key": key,
+        "max_epochs": tuner.cfg.max_epochs,  # lets a rerun find a run shortened to fit its budget (shortened_epochs)
         "epoch": 0,
         "best_epoch": 0,
         "best_accuracy": start,

@@ -40,7 +40,16 @@ from .data import Dataset, Distortion, ImageItem, discover, prepare_image, split
 from .errors import FlowerxError, ImageError
 from .events import QUIET, Events
 from .fileio import atomic_write, check_folder, check_outputs
-from .finetune import FineTuneConfig, FineTuneResult, OverBudget, cut_layer, epochs_that_fit, fine_tune, recipe
+from .finetune import (
+    FineTuneConfig,
+    FineTuneResult,
+    OverBudget,
+    cut_layer,
+    epochs_that_fit,
+    fine_tune,
+    recipe,
+    shortened_epochs,
+)
 from .head import HeadConfig, predict_logits, sample, train_head
 from .quantize import CALIBRATIONS, Int8Result, check_int8_arguments, export_int8, int8_path
 
@@ -754,7 +763,14 @@ def _fine_tune(job: _Job, labels: np.ndarray, splits: dict[str, np.ndarray], ker
         cfg.distortion.id,
         cfg.distorted_views,
     ]  # the head's starting point, part of the checkpoint's key
-    t = time.perf_counter()
+    t, deadline = time.perf_counter(), job.deadline
+    earlier = deadline is not None and shortened_epochs(
+        checkpoint, job.arch, cfg.fine_tune(job.arch), job.dataset.items, splits, {"head": head_key}
+    )
+    if earlier:  # an earlier run shortened this one to fit its budget: resume (or reuse) it rather than start anew
+        events.info(f"Fine-tuning {earlier} epochs, as an earlier run of these settings chose to fit --time-budget")
+        job.cfg = cfg = replace(cfg, fine_tune_epochs=earlier)
+        deadline = None  # that run's choice stands: its epochs are not thrown away for another estimate
     while True:  # with --fine-tune-blocks -1: fewer epochs where the first steps say all of them would not fit
         ft, attempt = cfg.fine_tune(job.arch), time.perf_counter()
         try:
@@ -771,7 +787,7 @@ def _fine_tune(job: _Job, labels: np.ndarray, splits: dict[str, np.ndarray], ker
                 events,
                 job.summary_dir,
                 key_parts={"head": head_key},
-                deadline=job.deadline,
+                deadline=deadline,
             )
             break
         except OverBudget as e:

@@ -7,11 +7,23 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import DAISY, run_cli, small_train_args, subset
+from conftest import DAISY, make_image, run_cli, small_train_args, subset
 
 from flowerx import Predictor
 from flowerx.architectures import get_architecture
-from flowerx.finetune import MIN_EPOCHS, FineTuneConfig, Probe, decode_time, epochs_that_fit, estimate_s, recipe
+from flowerx.data import ImageItem
+from flowerx.finetune import (
+    CHECKPOINT_VERSION,
+    MIN_EPOCHS,
+    FineTuneConfig,
+    Probe,
+    _run_key,
+    decode_time,
+    epochs_that_fit,
+    estimate_s,
+    recipe,
+    shortened_epochs,
+)
 from flowerx.train import TrainConfig
 
 
@@ -175,12 +187,39 @@ def test_fewer_epochs_where_the_recipe_does_not_fit():
     assert epochs_that_fit(resized, probe, probe.run_s(replace(resized, max_epochs=4)) + 0.1) == 4
 
 
+def test_a_run_shortened_to_fit_is_found_again_by_its_rerun(tmp_path):
+    """A checkpoint of the same settings with fewer epochs (an earlier run shortened it to fit --time-budget) is
+    resumed by a rerun, not trained anew; one of other settings, or of as many epochs, is not."""
+    items = [ImageItem(make_image(tmp_path / f"{i}.png", seed=i), f"{i}.png", i % 2) for i in range(6)]
+    splits = {"train": np.arange(4), "validation": np.arange(4, 6), "test": np.arange(0)}
+    arch, checkpoint, head = get_architecture("mobilenet_0.25_224"), tmp_path / "fine-tune-model.npz", {"head": [1]}
+    cfg = FineTuneConfig(13, max_epochs=12)
+
+    def save(epochs: int, seed: int = 0, version: int = CHECKPOINT_VERSION) -> None:
+        key = _run_key(arch, replace(cfg, max_epochs=epochs, seed=seed), items, splits, head)
+        state = {"version": version, "key": key, "max_epochs": epochs}
+        np.savez(checkpoint, state=np.array(json.dumps(state)))
+
+    assert shortened_epochs(checkpoint, arch, cfg, items, splits, head) is None  # no checkpoint
+    save(4)
+    assert shortened_epochs(checkpoint, arch, cfg, items, splits, head) == 4
+    assert shortened_epochs(checkpoint, arch, replace(cfg, seed=1), items, splits, head) is None
+    assert shortened_epochs(checkpoint, arch, cfg, items, splits, {"head": [2]}) is None  # another head
+    assert shortened_epochs(checkpoint, arch, replace(cfg, max_epochs=4), items, splits, head) is None  # not fewer
+    save(4, seed=1)
+    assert shortened_epochs(checkpoint, arch, cfg, items, splits, head) is None
+    save(4, version=CHECKPOINT_VERSION - 1)
+    assert shortened_epochs(checkpoint, arch, cfg, items, splits, head) is None
+    checkpoint.write_bytes(b"not a checkpoint")
+    assert shortened_epochs(checkpoint, arch, cfg, items, splits, head) is None
+
+
 @pytest.mark.slow
 def test_the_default_fine_tunes_when_the_estimate_fits_the_time_budget(shared, tmp_path):
     data = subset(shared, tmp_path / "data", per_class=110)  # 7 training steps an epoch: enough to estimate
 
-    def default(*extra: str) -> dict:
-        out = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
+    def default(*extra: str, run: int | None = None) -> dict:
+        out = tmp_path / f"run{len(list(tmp_path.glob('run*'))) if run is None else run}"
         args = [*small_train_args(shared, data, tmp_path, out / "model.onnx"), "--json", str(out / "r.json")]
         done = run_cli(*args, "--validation-percentage", "20", *extra)
         assert done.returncode == 0, done.stdout + done.stderr
@@ -197,6 +236,11 @@ def test_the_default_fine_tunes_when_the_estimate_fits_the_time_budget(shared, t
     # the shortened run checks its own first steps too, and may shorten again where the host slowed meanwhile
     first = re.search(r"Fine-tuning (\d+) epochs: fine-tuning 1000 epochs would take about", long["stdout"])
     assert first and epochs <= int(first[1]), long["stdout"]
+    again = default("--fine-tune-epochs", "1000", "--time-budget", "60", run=1)  # the same command: its checkpoint
+    assert f"Fine-tuning {epochs} epochs, as an earlier run of these settings chose" in again["stdout"]
+    assert again["fine_tune"]["max_epochs"] == epochs and again["fine_tune"]["resumed"]
+    assert "Fine-tune: finished after epoch" in again["stdout"] and "Fine-tune epoch" not in again["stdout"]
+    assert again["test_accuracy"] == long["test_accuracy"]
     few = default(*quick, "--validation-percentage", "3")  # the last --validation-percentage wins
     assert few["fine_tune"] is None and "validation images, too few" in few["head_only_why"]
     plain = default("--head-only")
