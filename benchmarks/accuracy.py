@@ -59,7 +59,7 @@ def train(arch: str, extra: list[str], shared: Path, work: Path, name: str) -> d
     row["fine_tuned"], row["head_only_why"] = tuned is not None, result.get("head_only_why", "")
     if tuned is not None:
         row["kept_epoch"], row["epochs_run"] = tuned["kept_epoch"], tuned["epochs_run"]
-        row["reused_fine_tune_checkpoint"] = tuned["resumed"] and tuned["epochs_run"] == 0  # time excludes it
+        row["reused_fine_tune_checkpoint"] = tuned["epochs_trained"] == 0  # time excludes it
     if result["int8"] is not None:
         row.update(
             int8_test_accuracy=round(result["int8"]["int8_accuracy"] * 100, 1), int8_written=result["int8"]["written"]

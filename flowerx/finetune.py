@@ -165,6 +165,7 @@ class FineTuneResult:
     distortion: str = ""  # the fresh views' settings (Distortion.id)
     history: list[dict] = field(default_factory=list)  # per epoch: train loss/accuracy, validation accuracy
     resumed: bool = False  # a checkpoint of this run was found (a finished one: no epoch ran)
+    trained: int = 0  # epochs this call ran (the rest of history came from the checkpoint)
 
 
 def _seed(*parts: int) -> int:
@@ -483,10 +484,11 @@ def fine_tune(
         if summary_dir is not None
         else tf.summary.create_noop_writer()
     )
+    trained = 0
     try:
         while not state["done"] and state["epoch"] < cfg.max_epochs:
             record, images = _epoch(tuner, items, labels, splits, state["epoch"] + 1, steps, deadline)
-            deadline = None  # estimated once, from the first epoch this process runs
+            deadline, trained = None, trained + 1  # estimated once, from the first epoch this process runs
             best = _record(state, record, images, best, tuner, writer, events)
             _save(checkpoint, state, tuner.arrays(best))
         tuner.restore(best)
@@ -504,6 +506,7 @@ def fine_tune(
         cfg.views.id,
         state["history"],
         resumed=resumed,
+        trained=trained,
     )
 
 

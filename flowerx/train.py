@@ -825,6 +825,7 @@ def _fine_tune_record(cfg: TrainConfig, arch: Architecture, tuned: FineTuneResul
         "blocks": cfg.fine_tune_blocks,
         "kept_epoch": tuned.epochs,
         "epochs_run": len(tuned.history),
+        "epochs_trained": tuned.trained,  # by this process: fewer than epochs_run where it resumed a checkpoint
         "learning_rate": cfg.fine_tune_learning_rate,
         "distortion": tuned.distortion,
         "epoch_sizes": [record["size"] for record in tuned.history],  # side of the training views, per epoch

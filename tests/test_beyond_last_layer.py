@@ -239,6 +239,7 @@ def test_the_default_fine_tunes_when_the_estimate_fits_the_time_budget(shared, t
     again = default("--fine-tune-epochs", "1000", "--time-budget", "60", run=1)  # the same command: its checkpoint
     assert f"Fine-tuning {epochs} epochs, as an earlier run of these settings chose" in again["stdout"]
     assert again["fine_tune"]["max_epochs"] == epochs and again["fine_tune"]["resumed"]
+    assert again["fine_tune"]["epochs_trained"] == 0 < long["fine_tune"]["epochs_trained"]
     assert "Fine-tune: finished after epoch" in again["stdout"] and "Fine-tune epoch" not in again["stdout"]
     assert again["test_accuracy"] == long["test_accuracy"]
     few = default(*quick, "--validation-percentage", "3")  # the last --validation-percentage wins
