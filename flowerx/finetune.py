@@ -72,11 +72,12 @@ class Probe:
 
 
 class OverBudget(Exception):
-    """Fine-tuning would end after its deadline (found after its first steps; nothing was kept)."""
+    """Fine-tuning would end after its deadline (found after its first steps; nothing new was kept). resumed:
+    the run had resumed a checkpoint's epochs (which stays as it was)."""
 
     def __init__(self, estimate_s: float, left_s: float, probe: Probe):
         super().__init__(f"estimated {estimate_s:.0f} s more, {left_s:.0f} s left")
-        self.estimate_s, self.left_s, self.probe = estimate_s, left_s, probe
+        self.estimate_s, self.left_s, self.probe, self.resumed = estimate_s, left_s, probe, False
 
 
 @dataclass(frozen=True)
@@ -132,11 +133,16 @@ def recipe(arch: Architecture) -> tuple[int, int, int]:
 
 def epochs_that_fit(cfg: FineTuneConfig, probe: Probe, seconds: float) -> int:
     """The most epochs, fewer than cfg.max_epochs and at least MIN_EPOCHS, that a fresh run of cfg takes at most
-    seconds for, as the probe estimates it; 0 when not even MIN_EPOCHS do."""
-    for epochs in range(cfg.max_epochs - 1, MIN_EPOCHS - 1, -1):
-        if probe.run_s(replace(cfg, max_epochs=epochs)) <= seconds:
-            return epochs
-    return 0
+    seconds for, as the probe estimates it; 0 when not even MIN_EPOCHS do. (A run's time grows with its
+    epochs: a binary search.)"""
+    lo, hi = MIN_EPOCHS - 1, cfg.max_epochs - 1  # lo fits (or is the "none" below MIN_EPOCHS); hi is tried
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if probe.run_s(replace(cfg, max_epochs=mid)) <= seconds:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo if lo >= MIN_EPOCHS else 0
 
 
 def all_blocks(arch: Architecture) -> int:
@@ -345,7 +351,9 @@ def estimate_s(
         return max(step_s * (side / size) ** 2, decode_s * cfg.batch_size)
 
     validate = validation * max(step_s * (full / size) ** 2 / cfg.batch_size / 3, decode_s)
-    later = sum(steps * step(cfg.size(e, full)) for e in range(epoch + 1, cfg.max_epochs + 1))
+    # the later epochs, epoch + 1 .. max_epochs: those before first_kept_epoch at low_res, the rest full size
+    low = max(0, min(cfg.max_epochs + 1, cfg.first_kept_epoch(full)) - epoch - 1)
+    later = steps * (low * step(cfg.size(epoch + 1, full)) + (cfg.max_epochs - epoch - low) * step(full))
     return steps_left * step(size) + later + validate * (cfg.max_epochs - epoch + 1)
 
 
@@ -437,15 +445,18 @@ def shortened_epochs(
     splits: dict,
     key_parts: dict | None = None,
 ) -> int | None:
-    """The epochs of the run that checkpoint holds when it is cfg's run with fewer epochs (an earlier process
-    shortened it to fit --time-budget), so a rerun resumes or reuses it instead of training anew; else None."""
+    """The epochs of the run that checkpoint holds when it is cfg's run shortened to fewer epochs to fit
+    --time-budget (its shortened_from is cfg.max_epochs), so a rerun resumes or reuses it instead of training
+    anew; else None (a run asked for with fewer epochs is another run)."""
     try:
         with np.load(checkpoint, allow_pickle=False) as data:
             state = json.loads(str(data["state"]))
     except (OSError, ValueError, KeyError, EOFError, json.JSONDecodeError):
         return None
     epochs = state.get("max_epochs")
-    if state.get("version") != CHECKPOINT_VERSION or not isinstance(epochs, int) or not 0 < epochs < cfg.max_epochs:
+    if state.get("version") != CHECKPOINT_VERSION or state.get("shortened_from") != cfg.max_epochs:
+        return None
+    if not isinstance(epochs, int) or not 0 < epochs < cfg.max_epochs:
         return None
     return (
         epochs
@@ -468,16 +479,20 @@ def fine_tune(
     summary_dir: Path | None = None,
     key_parts: dict | None = None,
     deadline: float | None = None,
+    shortened_from: int = 0,
 ) -> FineTuneResult:
     """Train the top cfg.blocks blocks of base and the head on freshly distorted training images; returns the
     best epoch's head, and puts the best epoch's weights into base (unchanged when no epoch beat the head).
     key_parts: what else the starting point depends on (the head's settings), for the checkpoint's key.
-    deadline: a time.perf_counter() the run must end by: OverBudget after the first steps when it would not."""
+    deadline: a time.perf_counter() the run must end by: OverBudget after the first steps when it would not.
+    shortened_from: the epochs asked for, where this run has fewer to fit a budget (kept in the checkpoint, not
+    its key: shortened_epochs)."""
     train, validation = splits["train"], splits["validation"]
     steps = max(1, len(train) // cfg.batch_size)
     tuner = _Tuner(base, arch, cfg, kernel, bias, steps)
     key = _run_key(arch, cfg, items, splits, key_parts)
     state, best, resumed = _resume_or_start(checkpoint, key, tuner, items, labels, validation, events)
+    state["shortened_from"] = shortened_from
     tf = tuner.tf
     writer = (
         tf.summary.create_file_writer(str(summary_dir / "fine_tune"))
@@ -487,7 +502,11 @@ def fine_tune(
     trained = 0
     try:
         while not state["done"] and state["epoch"] < cfg.max_epochs:
-            record, images = _epoch(tuner, items, labels, splits, state["epoch"] + 1, steps, deadline)
+            try:
+                record, images = _epoch(tuner, items, labels, splits, state["epoch"] + 1, steps, deadline)
+            except OverBudget as e:
+                e.resumed = state["epoch"] > 0
+                raise
             deadline, trained = None, trained + 1  # estimated once, from the first epoch this process runs
             best = _record(state, record, images, best, tuner, writer, events)
             _save(checkpoint, state, tuner.arrays(best))
@@ -526,7 +545,7 @@ def _resume_or_start(
     state = {
         "version": CHECKPOINT_VERSION,
         "key": key,
-        "max_epochs": tuner.cfg.max_epochs,  # lets a rerun find a run shortened to fit its budget (shortened_epochs)
+        "max_epochs": tuner.cfg.max_epochs,  # with shortened_from, lets a rerun find a run shortened to fit a budget
         "epoch": 0,
         "best_epoch": 0,
         "best_accuracy": start,

@@ -755,6 +755,7 @@ def _fine_tune(job: _Job, labels: np.ndarray, splits: dict[str, np.ndarray], ker
     from exporters.onnx_export import keras_to_onnx
 
     cfg, networks, events = job.cfg, job.networks, job.events
+    job_epochs = cfg.fine_tune_epochs  # as asked: what the model records if the head alone is kept
     checkpoint = job.cache.dir / f"fine-tune-{Path(cfg.output_graph).stem}.npz"
     head_key = [
         cfg.how_many_training_steps,
@@ -763,14 +764,15 @@ def _fine_tune(job: _Job, labels: np.ndarray, splits: dict[str, np.ndarray], ker
         cfg.distortion.id,
         cfg.distorted_views,
     ]  # the head's starting point, part of the checkpoint's key
-    t, deadline = time.perf_counter(), job.deadline
-    earlier = deadline is not None and shortened_epochs(
+    t, asked = time.perf_counter(), cfg.fine_tune(job.arch).max_epochs
+    shortened_from = 0  # the epochs asked for, once the run has fewer to fit the budget
+    earlier = job.deadline is not None and shortened_epochs(
         checkpoint, job.arch, cfg.fine_tune(job.arch), job.dataset.items, splits, {"head": head_key}
     )
     if earlier:  # an earlier run shortened this one to fit its budget: resume (or reuse) it rather than start anew
         events.info(f"Fine-tuning {earlier} epochs, as an earlier run of these settings chose to fit --time-budget")
         job.cfg = cfg = replace(cfg, fine_tune_epochs=earlier)
-        deadline = None  # that run's choice stands: its epochs are not thrown away for another estimate
+        shortened_from = asked
     while True:  # with --fine-tune-blocks -1: fewer epochs where the first steps say all of them would not fit
         ft, attempt = cfg.fine_tune(job.arch), time.perf_counter()
         try:
@@ -787,20 +789,27 @@ def _fine_tune(job: _Job, labels: np.ndarray, splits: dict[str, np.ndarray], ker
                 events,
                 job.summary_dir,
                 key_parts={"head": head_key},
-                deadline=deadline,
+                deadline=job.deadline,
+                shortened_from=shortened_from,
             )
             break
         except OverBudget as e:
             left = f"{max(0, e.left_s):.0f} s of --time-budget {cfg.time_budget:g} left"
             why = f"fine-tuning {ft.max_epochs} epochs would take about {e.estimate_s:.0f} s more, {left}"
-            # a fresh start pays again what this attempt spent before its estimate (building, tracing)
-            fit = epochs_that_fit(ft, e.probe, e.left_s - (time.perf_counter() - attempt))
+            # a fresh start pays again what this attempt spent before its estimate (building, tracing); one that
+            # had resumed a checkpoint does not start afresh, which would overwrite that checkpoint's epochs
+            fit = 0 if e.resumed else epochs_that_fit(ft, e.probe, e.left_s - (time.perf_counter() - attempt))
             if fit:
                 events.info(f"Fine-tuning {fit} epochs: {why}")
                 job.cfg = cfg = replace(cfg, fine_tune_epochs=fit)
+                shortened_from = asked
                 continue
-            job.cfg = replace(cfg, fine_tune_blocks=0)
-            events.info(f"Kept the head alone: {why} (--fine-tune-blocks {recipe(job.arch)[0]} fine-tunes anyway)")
+            job.timings["fine_tune_s"] = time.perf_counter() - t
+            job.cfg = replace(cfg, fine_tune_blocks=0, fine_tune_epochs=job_epochs)
+            kept = f"; its checkpoint stays for a later run ({checkpoint.name})" if e.resumed else ""
+            events.info(
+                f"Kept the head alone: {why}{kept} (--fine-tune-blocks {recipe(job.arch)[0]} fine-tunes anyway)"
+            )
             return None, None, why
     seconds = job.timings["fine_tune_s"] = time.perf_counter() - t  # with any attempt cut short
     if tuned.epochs:

@@ -185,19 +185,23 @@ def test_fewer_epochs_where_the_recipe_does_not_fit():
     assert epochs_that_fit(FineTuneConfig(9, max_epochs=MIN_EPOCHS), probe, 1e9) == 0
     resized = FineTuneConfig(10, max_epochs=6, low_res=112, full_res_epochs=2)  # low-res epochs cost a quarter
     assert epochs_that_fit(resized, probe, probe.run_s(replace(resized, max_epochs=4)) + 0.1) == 4
+    assert probe.run_s(resized) == pytest.approx(4 * (10 / 4 + 1) + 2 * epoch_s + 1)
+    huge = FineTuneConfig(9, max_epochs=10**9)  # `--fine-tune-epochs 1000000000`: answered at once, not epoch by epoch
+    assert epochs_that_fit(huge, probe, 1000.5 * epoch_s + 1) == 1000
 
 
 def test_a_run_shortened_to_fit_is_found_again_by_its_rerun(tmp_path):
-    """A checkpoint of the same settings with fewer epochs (an earlier run shortened it to fit --time-budget) is
-    resumed by a rerun, not trained anew; one of other settings, or of as many epochs, is not."""
+    """A checkpoint of the same settings with fewer epochs, shortened from the epochs asked for to fit
+    --time-budget, is resumed by a rerun, not trained anew; one of other settings, of as many epochs, or asked
+    for with fewer epochs (not shortened), is not."""
     items = [ImageItem(make_image(tmp_path / f"{i}.png", seed=i), f"{i}.png", i % 2) for i in range(6)]
     splits = {"train": np.arange(4), "validation": np.arange(4, 6), "test": np.arange(0)}
     arch, checkpoint, head = get_architecture("mobilenet_0.25_224"), tmp_path / "fine-tune-model.npz", {"head": [1]}
     cfg = FineTuneConfig(13, max_epochs=12)
 
-    def save(epochs: int, seed: int = 0, version: int = CHECKPOINT_VERSION) -> None:
+    def save(epochs: int, seed: int = 0, version: int = CHECKPOINT_VERSION, shortened_from: int = 12) -> None:
         key = _run_key(arch, replace(cfg, max_epochs=epochs, seed=seed), items, splits, head)
-        state = {"version": version, "key": key, "max_epochs": epochs}
+        state = {"version": version, "key": key, "max_epochs": epochs, "shortened_from": shortened_from}
         np.savez(checkpoint, state=np.array(json.dumps(state)))
 
     assert shortened_epochs(checkpoint, arch, cfg, items, splits, head) is None  # no checkpoint
@@ -206,6 +210,10 @@ def test_a_run_shortened_to_fit_is_found_again_by_its_rerun(tmp_path):
     assert shortened_epochs(checkpoint, arch, replace(cfg, seed=1), items, splits, head) is None
     assert shortened_epochs(checkpoint, arch, cfg, items, splits, {"head": [2]}) is None  # another head
     assert shortened_epochs(checkpoint, arch, replace(cfg, max_epochs=4), items, splits, head) is None  # not fewer
+    save(4, shortened_from=0)  # `--fine-tune-epochs 4` asked for: another run than the recipe's 12 epochs
+    assert shortened_epochs(checkpoint, arch, cfg, items, splits, head) is None
+    save(4, shortened_from=1000)  # shortened from another count
+    assert shortened_epochs(checkpoint, arch, cfg, items, splits, head) is None
     save(4, seed=1)
     assert shortened_epochs(checkpoint, arch, cfg, items, splits, head) is None
     save(4, version=CHECKPOINT_VERSION - 1)
