@@ -458,11 +458,8 @@ def shortened_epochs(
         return None
     if not isinstance(epochs, int) or not 0 < epochs < cfg.max_epochs:
         return None
-    return (
-        epochs
-        if state.get("key") == _run_key(arch, replace(cfg, max_epochs=epochs), items, splits, key_parts)
-        else None
-    )
+    shortened = replace(cfg, max_epochs=epochs)
+    return epochs if state.get("key") == _run_key(arch, shortened, items, splits, key_parts) else None
 
 
 def fine_tune(
@@ -485,8 +482,7 @@ def fine_tune(
     best epoch's head, and puts the best epoch's weights into base (unchanged when no epoch beat the head).
     key_parts: what else the starting point depends on (the head's settings), for the checkpoint's key.
     deadline: a time.perf_counter() the run must end by: OverBudget after the first steps when it would not.
-    shortened_from: the epochs asked for, where this run has fewer to fit a budget (kept in the checkpoint, not
-    its key: shortened_epochs)."""
+    shortened_from: the epochs asked for, where a budget shortened this run (in the checkpoint: shortened_epochs)."""
     train, validation = splits["train"], splits["validation"]
     steps = max(1, len(train) // cfg.batch_size)
     tuner = _Tuner(base, arch, cfg, kernel, bias, steps)
@@ -499,21 +495,20 @@ def fine_tune(
         if summary_dir is not None
         else tf.summary.create_noop_writer()
     )
-    trained = 0
+    first = state["epoch"]  # the checkpoint's epochs
     try:
         while not state["done"] and state["epoch"] < cfg.max_epochs:
-            try:
-                record, images = _epoch(tuner, items, labels, splits, state["epoch"] + 1, steps, deadline)
-            except OverBudget as e:
-                e.resumed = state["epoch"] > 0
-                raise
-            deadline, trained = None, trained + 1  # estimated once, from the first epoch this process runs
+            record, images = _epoch(tuner, items, labels, splits, state["epoch"] + 1, steps, deadline)
+            deadline = None  # estimated once, from the first epoch this process runs
             best = _record(state, record, images, best, tuner, writer, events)
             _save(checkpoint, state, tuner.arrays(best))
         tuner.restore(best)
         base.set_weights(tuner.net.get_weights())
         test = splits["test"]
         predictions = tuner.predict(items, test) if len(test) else np.zeros(0, int)
+    except OverBudget as e:
+        e.resumed = first > 0
+        raise
     finally:
         writer.flush()
     return FineTuneResult(
@@ -525,7 +520,7 @@ def fine_tune(
         cfg.views.id,
         state["history"],
         resumed=resumed,
-        trained=trained,
+        trained=state["epoch"] - first,
     )
 
 

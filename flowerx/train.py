@@ -754,30 +754,45 @@ def _fine_tune(job: _Job, labels: np.ndarray, splits: dict[str, np.ndarray], ker
     estimate did not fit --time-budget (job.cfg then says no blocks were fine-tuned)."""
     from exporters.onnx_export import keras_to_onnx
 
-    cfg, networks, events = job.cfg, job.networks, job.events
-    job_epochs = cfg.fine_tune_epochs  # as asked: what the model records if the head alone is kept
+    cfg, events = job.cfg, job.events
     checkpoint = job.cache.dir / f"fine-tune-{Path(cfg.output_graph).stem}.npz"
-    head_key = [
-        cfg.how_many_training_steps,
-        cfg.learning_rate,
-        cfg.train_batch_size,
-        cfg.distortion.id,
-        cfg.distorted_views,
-    ]  # the head's starting point, part of the checkpoint's key
-    t, asked = time.perf_counter(), cfg.fine_tune(job.arch).max_epochs
+    head = [cfg.how_many_training_steps, cfg.learning_rate, cfg.train_batch_size, cfg.distortion.id]
+    key_parts = {"head": [*head, cfg.distorted_views]}  # the head's starting point, part of the checkpoint's key
+    t = time.perf_counter()
+    tuned = _fine_tune_in_budget(job, labels, splits, kernel, bias, checkpoint, key_parts)
+    seconds = job.timings["fine_tune_s"] = time.perf_counter() - t  # with any attempt cut short
+    if isinstance(tuned, str):
+        return None, None, tuned
+    if tuned.epochs:
+        events.info(
+            f"Fine-tuned the top {job.cfg.fine_tune_blocks} block(s): kept epoch {tuned.epochs} (validation "
+            f"accuracy {tuned.validation_accuracy * 100:.1f}%, {seconds:.1f} s)"
+        )
+        return tuned, keras_to_onnx(job.networks.keras(), job.arch.input_size, output=FEATURES), ""
+    events.info(f"Fine-tuning never beat the head alone on validation accuracy: kept the head alone ({seconds:.1f} s)")
+    return tuned, None, ""
+
+
+def _fine_tune_in_budget(
+    job: _Job, labels: np.ndarray, splits: dict, kernel: np.ndarray, bias: np.ndarray, checkpoint: Path, key_parts: dict
+) -> FineTuneResult | str:
+    """fine_tune within job.deadline (--fine-tune-blocks -1; none with N): where its first steps say the epochs
+    asked for would not fit, a fresh run of as many as fit (at least MIN_EPOCHS), else the head alone: then the
+    reason is returned and job.cfg says no blocks were fine-tuned. A rerun resumes a run a budget shortened."""
+    cfg, events = job.cfg, job.events
+    asked_flag, asked = cfg.fine_tune_epochs, cfg.fine_tune(job.arch).max_epochs
     shortened_from = 0  # the epochs asked for, once the run has fewer to fit the budget
     earlier = job.deadline is not None and shortened_epochs(
-        checkpoint, job.arch, cfg.fine_tune(job.arch), job.dataset.items, splits, {"head": head_key}
+        checkpoint, job.arch, cfg.fine_tune(job.arch), job.dataset.items, splits, key_parts
     )
     if earlier:  # an earlier run shortened this one to fit its budget: resume (or reuse) it rather than start anew
         events.info(f"Fine-tuning {earlier} epochs, as an earlier run of these settings chose to fit --time-budget")
-        job.cfg = cfg = replace(cfg, fine_tune_epochs=earlier)
-        shortened_from = asked
-    while True:  # with --fine-tune-blocks -1: fewer epochs where the first steps say all of them would not fit
-        ft, attempt = cfg.fine_tune(job.arch), time.perf_counter()
+        job.cfg, shortened_from = replace(cfg, fine_tune_epochs=earlier), asked
+    while True:
+        ft, attempt = job.cfg.fine_tune(job.arch), time.perf_counter()
         try:
-            tuned = fine_tune(
-                networks.base(),
+            return fine_tune(
+                job.networks.base(),
                 job.arch,
                 ft,
                 job.dataset.items,
@@ -788,11 +803,10 @@ def _fine_tune(job: _Job, labels: np.ndarray, splits: dict[str, np.ndarray], ker
                 checkpoint,
                 events,
                 job.summary_dir,
-                key_parts={"head": head_key},
+                key_parts=key_parts,
                 deadline=job.deadline,
                 shortened_from=shortened_from,
             )
-            break
         except OverBudget as e:
             left = f"{max(0, e.left_s):.0f} s of --time-budget {cfg.time_budget:g} left"
             why = f"fine-tuning {ft.max_epochs} epochs would take about {e.estimate_s:.0f} s more, {left}"
@@ -801,25 +815,13 @@ def _fine_tune(job: _Job, labels: np.ndarray, splits: dict[str, np.ndarray], ker
             fit = 0 if e.resumed else epochs_that_fit(ft, e.probe, e.left_s - (time.perf_counter() - attempt))
             if fit:
                 events.info(f"Fine-tuning {fit} epochs: {why}")
-                job.cfg = cfg = replace(cfg, fine_tune_epochs=fit)
-                shortened_from = asked
+                job.cfg, shortened_from = replace(cfg, fine_tune_epochs=fit), asked
                 continue
-            job.timings["fine_tune_s"] = time.perf_counter() - t
-            job.cfg = replace(cfg, fine_tune_blocks=0, fine_tune_epochs=job_epochs)
+            job.cfg = replace(cfg, fine_tune_blocks=0, fine_tune_epochs=asked_flag)
             kept = f"; its checkpoint stays for a later run ({checkpoint.name})" if e.resumed else ""
-            events.info(
-                f"Kept the head alone: {why}{kept} (--fine-tune-blocks {recipe(job.arch)[0]} fine-tunes anyway)"
-            )
-            return None, None, why
-    seconds = job.timings["fine_tune_s"] = time.perf_counter() - t  # with any attempt cut short
-    if tuned.epochs:
-        events.info(
-            f"Fine-tuned the top {cfg.fine_tune_blocks} block(s): kept epoch {tuned.epochs} (validation "
-            f"accuracy {tuned.validation_accuracy * 100:.1f}%, {seconds:.1f} s)"
-        )
-        return tuned, keras_to_onnx(networks.keras(), job.arch.input_size, output=FEATURES), ""
-    events.info(f"Fine-tuning never beat the head alone on validation accuracy: kept the head alone ({seconds:.1f} s)")
-    return tuned, None, ""
+            blocks = recipe(job.arch)[0]
+            events.info(f"Kept the head alone: {why}{kept} (--fine-tune-blocks {blocks} fine-tunes anyway)")
+            return why
 
 
 def _fine_tune_record(cfg: TrainConfig, arch: Architecture, tuned: FineTuneResult | None) -> dict | None:

@@ -139,6 +139,38 @@ def test_interrupted_fine_tuning_resumes_at_its_next_epoch(shared, tmp_path):
     assert Predictor(tmp_path / "model.onnx").predict(shared / DAISY)[0][0] == "daisy"
 
 
+@pytest.mark.slow
+def test_a_resumed_default_run_over_its_budget_keeps_the_head_and_the_checkpoint(shared, tmp_path):
+    """The default run resumes its checkpoint; when the epochs left do not fit this run's --time-budget it keeps
+    the head alone and leaves the checkpoint as it was, rather than start a shorter run over it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = subset(shared, tmp_path / "data", per_class=50)  # 3 training steps an epoch: enough to estimate
+    args = [*small_train_args(shared, data, tmp_path), "--validation-percentage", "20", "--fine-tune-epochs", "1000"]
+    log = (tmp_path / "first-run.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flowerx", *args, "--time-budget", "100000"], stdout=log, stderr=subprocess.STDOUT
+    )
+    deadline, checkpoint = time.monotonic() + 300, tmp_path / "bn"
+    while not list(checkpoint.rglob("fine-tune-model.npz")):  # written after each epoch
+        assert proc.poll() is None, (tmp_path / "first-run.log").read_text()
+        assert time.monotonic() < deadline, "fine-tuning never finished an epoch"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(60)
+    checkpoint = next(checkpoint.rglob("fine-tune-model.npz"))
+    before = checkpoint.read_bytes()
+    rerun = run_cli(*args, "--time-budget", "60")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "resuming after epoch" in rerun.stdout and "its checkpoint stays for a later run" in rerun.stdout
+    assert "Fine-tuning " not in rerun.stdout.split("resuming after epoch")[1]  # no shorter run started over it
+    assert checkpoint.read_bytes() == before
+    assert Predictor(tmp_path / "model.onnx").predict(shared / DAISY)[0][0] == "daisy"
+
+
 def test_the_estimate_scales_steps_by_pixels_and_adds_validation():
     cfg = FineTuneConfig(13, max_epochs=3, low_res=160, full_res_epochs=1)
     assert [cfg.size(e, 224) for e in (1, 2, 3)] == [160, 160, 224]
