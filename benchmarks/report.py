@@ -241,7 +241,8 @@ def int8_accuracy_table(report: dict) -> str:
 def machine_line(report: dict) -> str:
     m = report["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
-    return f"{m['cpu']}, {m['cores']} cores, Python {m['python']}; {versions}"
+    isa = f" ({', '.join(m['isa'])})" if m.get("isa") else ""  # recorded since flowerx 0.2's ISA_FLAGS
+    return f"{m['cpu']}, {m['cores']} cores{isa}, Python {m['python']}; {versions}"
 
 
 def main() -> None:

@@ -132,12 +132,20 @@ class BenchReport:
         return buffer.getvalue()
 
 
+# The instruction sets that move these figures: int8 kernels without VNNI add products in 16 bits (slower, and
+# they can saturate); AMX and AVX-512 BF16 are what bf16 inference uses.
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
 def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
+    """The machine a benchmark ran on: CPU model, cores, its ISA_FLAGS, Python and package versions."""
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and not flags:
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
                 break
     except OSError:
         pass
@@ -159,6 +167,7 @@ def machine_info() -> dict:
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "isa": [flag for flag in ISA_FLAGS if flag in flags],
         "platform": platform.platform(),
         "python": platform.python_version(),
         "versions": versions,

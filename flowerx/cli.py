@@ -710,7 +710,8 @@ def bench_table(report, wide: bool = False) -> tuple[Table, list[str]]:
     skipped or failed (why, and what to install), printed under it."""
     columns = BENCH_COLUMNS + (BENCH_WIDE if wide else [])
     table = _table(
-        f"flowerx bench: {report.machine['cpu']}, {report.machine['cores']} cores (ms: median "
+        f"flowerx bench: {report.machine['cpu']}, {report.machine['cores']} cores"
+        f"{' (' + ', '.join(report.machine['isa']) + ')' if report.machine.get('isa') else ''} (ms: median "
         f"batch-1 latency; x: latency / flowerx's, same threads; img/s at batch "
         f"{report.config.get('batch')})",
         [name for name, _ in columns],

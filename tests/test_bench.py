@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from conftest import run_cli
@@ -34,6 +35,8 @@ def test_bench_quick_json(tmp_path):
     assert re.search(r"mobilenet_0.25_128 +flowerx +1 ", result.stdout) and "End to end" in result.stdout
     report = json.loads(out.read_text())
     assert report["machine"]["cores"] >= 1 and report["machine"]["versions"]["onnxruntime"]
+    isa = set(report["machine"]["isa"])  # the instruction sets the figures depend on, read from /proc/cpuinfo
+    assert isa <= set(bench.ISA_FLAGS) and ("avx2" in isa) == ("avx2" in Path("/proc/cpuinfo").read_text())
     rows = {r["runtime"]: r for r in report["rows"]}
     openvino = {"openvino", "openvino-bf16"} if bench.OPENVINO_RUNTIMES[0] in bench.default_runtimes() else set()
     assert set(rows) == {"onnxruntime", "tensorflow", "litert", "litert-int8"} | openvino
