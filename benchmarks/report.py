@@ -6,7 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
-from flowerx.bench import latency_ratio
+from flowerx.bench import cpu_label, latency_ratio
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
@@ -241,8 +241,7 @@ def int8_accuracy_table(report: dict) -> str:
 def machine_line(report: dict) -> str:
     m = report["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
-    isa = f" ({', '.join(m['isa'])})" if m.get("isa") else ""  # recorded since flowerx 0.2's ISA_FLAGS
-    return f"{m['cpu']}, {m['cores']} cores{isa}, Python {m['python']}; {versions}"
+    return f"{cpu_label(m)}, Python {m['python']}; {versions}"
 
 
 def main() -> None:

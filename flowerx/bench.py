@@ -137,6 +137,12 @@ class BenchReport:
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
+def cpu_label(machine: dict) -> str:
+    """A machine_info's CPU in words: model, cores and instruction sets (older reports have none)."""
+    isa = f" ({', '.join(machine['isa'])})" if machine.get("isa") else ""
+    return f"{machine['cpu']}, {machine['cores']} cores{isa}"
+
+
 def machine_info() -> dict:
     """The machine a benchmark ran on: CPU model, cores, its ISA_FLAGS, Python and package versions."""
     cpu, flags = platform.processor() or platform.machine(), set()

@@ -708,10 +708,11 @@ BENCH_WIDE = [
 def bench_table(report, wide: bool = False) -> tuple[Table, list[str]]:
     """The bench rows as a table (the main columns, or every one with wide), and a note per row that was
     skipped or failed (why, and what to install), printed under it."""
+    from .bench import cpu_label
+
     columns = BENCH_COLUMNS + (BENCH_WIDE if wide else [])
     table = _table(
-        f"flowerx bench: {report.machine['cpu']}, {report.machine['cores']} cores"
-        f"{' (' + ', '.join(report.machine['isa']) + ')' if report.machine.get('isa') else ''} (ms: median "
+        f"flowerx bench: {cpu_label(report.machine)} (ms: median "
         f"batch-1 latency; x: latency / flowerx's, same threads; img/s at batch "
         f"{report.config.get('batch')})",
         [name for name, _ in columns],

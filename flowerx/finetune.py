@@ -225,6 +225,9 @@ def _save(path: Path, state: dict, arrays: dict[str, list[np.ndarray]]) -> None:
     atomic_write(path, buffer.getvalue())
 
 
+_UNREADABLE = (OSError, ValueError, KeyError, EOFError, json.JSONDecodeError)  # missing, partial or foreign
+
+
 def _load(path: Path, key: str) -> tuple[dict, dict[str, list[np.ndarray]]] | None:
     """The checkpoint's (state, arrays) if it is this run's and readable, else None (start afresh)."""
     try:
@@ -236,7 +239,7 @@ def _load(path: Path, key: str) -> tuple[dict, dict[str, list[np.ndarray]]] | No
             for name in sorted(n for n in data.files if n != "state"):  # name_00000, name_00001, ...
                 arrays.setdefault(name.rsplit("_", 1)[0], []).append(data[name])
             return state, arrays
-    except (OSError, ValueError, KeyError, EOFError, json.JSONDecodeError):
+    except _UNREADABLE:
         return None
 
 
@@ -451,7 +454,7 @@ def shortened_epochs(
     try:
         with np.load(checkpoint, allow_pickle=False) as data:
             state = json.loads(str(data["state"]))
-    except (OSError, ValueError, KeyError, EOFError, json.JSONDecodeError):
+    except _UNREADABLE:
         return None
     epochs = state.get("max_epochs")
     if state.get("version") != CHECKPOINT_VERSION or state.get("shortened_from") != cfg.max_epochs:
@@ -488,7 +491,7 @@ def fine_tune(
     tuner = _Tuner(base, arch, cfg, kernel, bias, steps)
     key = _run_key(arch, cfg, items, splits, key_parts)
     state, best, resumed = _resume_or_start(checkpoint, key, tuner, items, labels, validation, events)
-    state["shortened_from"] = shortened_from
+    state.update(max_epochs=cfg.max_epochs, shortened_from=shortened_from)  # what shortened_epochs reads
     tf = tuner.tf
     writer = (
         tf.summary.create_file_writer(str(summary_dir / "fine_tune"))
@@ -540,7 +543,6 @@ def _resume_or_start(
     state = {
         "version": CHECKPOINT_VERSION,
         "key": key,
-        "max_epochs": tuner.cfg.max_epochs,  # with shortened_from, lets a rerun find a run shortened to fit a budget
         "epoch": 0,
         "best_epoch": 0,
         "best_accuracy": start,

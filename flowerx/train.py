@@ -756,8 +756,14 @@ def _fine_tune(job: _Job, labels: np.ndarray, splits: dict[str, np.ndarray], ker
 
     cfg, events = job.cfg, job.events
     checkpoint = job.cache.dir / f"fine-tune-{Path(cfg.output_graph).stem}.npz"
-    head = [cfg.how_many_training_steps, cfg.learning_rate, cfg.train_batch_size, cfg.distortion.id]
-    key_parts = {"head": [*head, cfg.distorted_views]}  # the head's starting point, part of the checkpoint's key
+    head = [
+        cfg.how_many_training_steps,
+        cfg.learning_rate,
+        cfg.train_batch_size,
+        cfg.distortion.id,
+        cfg.distorted_views,
+    ]  # the head's starting point, part of the checkpoint's key
+    key_parts = {"head": head}
     t = time.perf_counter()
     tuned = _fine_tune_in_budget(job, labels, splits, kernel, bias, checkpoint, key_parts)
     seconds = job.timings["fine_tune_s"] = time.perf_counter() - t  # with any attempt cut short
@@ -780,14 +786,14 @@ def _fine_tune_in_budget(
     asked for would not fit, a fresh run of as many as fit (at least MIN_EPOCHS), else the head alone: then the
     reason is returned and job.cfg says no blocks were fine-tuned. A rerun resumes a run a budget shortened."""
     cfg, events = job.cfg, job.events
-    asked_flag, asked = cfg.fine_tune_epochs, cfg.fine_tune(job.arch).max_epochs
+    asked = cfg.fine_tune(job.arch)
     shortened_from = 0  # the epochs asked for, once the run has fewer to fit the budget
     earlier = job.deadline is not None and shortened_epochs(
-        checkpoint, job.arch, cfg.fine_tune(job.arch), job.dataset.items, splits, key_parts
+        checkpoint, job.arch, asked, job.dataset.items, splits, key_parts
     )
     if earlier:  # an earlier run shortened this one to fit its budget: resume (or reuse) it rather than start anew
         events.info(f"Fine-tuning {earlier} epochs, as an earlier run of these settings chose to fit --time-budget")
-        job.cfg, shortened_from = replace(cfg, fine_tune_epochs=earlier), asked
+        job.cfg, shortened_from = replace(cfg, fine_tune_epochs=earlier), asked.max_epochs
     while True:
         ft, attempt = job.cfg.fine_tune(job.arch), time.perf_counter()
         try:
@@ -815,9 +821,9 @@ def _fine_tune_in_budget(
             fit = 0 if e.resumed else epochs_that_fit(ft, e.probe, e.left_s - (time.perf_counter() - attempt))
             if fit:
                 events.info(f"Fine-tuning {fit} epochs: {why}")
-                job.cfg, shortened_from = replace(cfg, fine_tune_epochs=fit), asked
+                job.cfg, shortened_from = replace(cfg, fine_tune_epochs=fit), asked.max_epochs
                 continue
-            job.cfg = replace(cfg, fine_tune_blocks=0, fine_tune_epochs=asked_flag)
+            job.cfg = replace(cfg, fine_tune_blocks=0)  # the epochs as asked: cfg is the run's before any cut
             kept = f"; its checkpoint stays for a later run ({checkpoint.name})" if e.resumed else ""
             blocks = recipe(job.arch)[0]
             events.info(f"Kept the head alone: {why}{kept} (--fine-tune-blocks {blocks} fine-tunes anyway)")
