@@ -115,6 +115,13 @@ class FineTuneConfig:
         """The side of the training views in epoch (1-based)."""
         return self.low_res if epoch < self.first_kept_epoch(full) else full
 
+    def schedule(self, full: int) -> str:
+        """The epochs' view sizes in words, e.g. "6 epochs: 4 at 160 px, then 2 at 224 px"."""
+        low = self.first_kept_epoch(full) - 1
+        if low < 1:
+            return f"{self.max_epochs} epoch{'s' * (self.max_epochs != 1)} at {full} px"
+        return f"{self.max_epochs} epochs: {low} at {self.low_res} px, then {self.max_epochs - low} at {full} px"
+
 
 def recipe(arch: Architecture) -> tuple[int, int, int]:
     """The default (blocks, epochs, low_res) for arch, measured on mobilenet_1.0_224 and mobilenet_0.25_224 (README,
@@ -551,8 +558,8 @@ def _resume_or_start(
         "done": False,
     }
     events.info(
-        f"Fine-tune the top {tuner.cfg.blocks} block(s) on fresh views ({tuner.cfg.views.id}): validation "
-        f"accuracy before {start * 100:5.1f}%"
+        f"Fine-tune the top {tuner.cfg.blocks} block(s), {tuner.cfg.schedule(tuner.size)}, on fresh views "
+        f"({tuner.cfg.views.id}): validation accuracy before {start * 100:5.1f}%"
     )
     return state, tuner.snapshot(), False
 

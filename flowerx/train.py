@@ -820,7 +820,8 @@ def _fine_tune_in_budget(
             # had resumed a checkpoint does not start afresh, which would overwrite that checkpoint's epochs
             fit = 0 if e.resumed else epochs_that_fit(ft, e.probe, e.left_s - (time.perf_counter() - attempt))
             if fit:
-                events.info(f"Fine-tuning {fit} epochs: {why}")
+                # fewer epochs keep --fine-tune-full-res-epochs at full size, so the low-res ones go first
+                events.info(f"Fine-tuning {replace(ft, max_epochs=fit).schedule(job.arch.input_size)} instead: {why}")
                 job.cfg, shortened_from = replace(cfg, fine_tune_epochs=fit), asked.max_epochs
                 continue
             job.cfg = replace(cfg, fine_tune_blocks=0)  # the epochs as asked: cfg is the run's before any cut

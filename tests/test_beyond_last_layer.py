@@ -188,6 +188,9 @@ def test_the_estimate_scales_steps_by_pixels_and_adds_validation():
     assert decode_time([0.2, 0.1, 0.3], 32) == pytest.approx(0.2 / workers) and decode_time([], 32) == 0
     assert FineTuneConfig(13, max_epochs=3).size(1, 224) == 224  # no low_res: every epoch full size
     assert cfg.size(1, 128) == 128 and cfg.first_kept_epoch(128) == 1  # low_res not below the network's
+    # in words, as a run (and a budget-shortened one: the full-size epochs stay, the low-res ones go) says it
+    assert cfg.schedule(224) == "3 epochs: 2 at 160 px, then 1 at 224 px" and cfg.schedule(128) == "3 epochs at 128 px"
+    assert replace(cfg, max_epochs=1).schedule(224) == "1 epoch at 224 px"
     # The default recipe (blocks, epochs, low_res): where a full-size epoch is costly, the top 9 blocks at full
     # size (Inception V3: all, with progressive resizing); elsewhere all 13 blocks, 12 full-size epochs
     assert recipe(get_architecture("mobilenet_1.0_224")) == (9, 6, 0) == recipe(get_architecture("mobilenet_0.75_192"))
@@ -274,7 +277,7 @@ def test_the_default_fine_tunes_when_the_estimate_fits_the_time_budget(shared, t
     epochs = long["fine_tune"]["max_epochs"]  # so it fine-tuned as many epochs as fit instead
     assert MIN_EPOCHS <= epochs < 1000 and long["head_only_why"] == "" and long["fine_tune"]["epochs_run"] <= epochs
     # the shortened run checks its own first steps too, and may shorten again where the host slowed meanwhile
-    first = re.search(r"Fine-tuning (\d+) epochs: fine-tuning 1000 epochs would take about", long["stdout"])
+    first = re.search(r"Fine-tuning (\d+) epochs at 224 px instead: fine-tuning 1000 epochs would", long["stdout"])
     assert first and epochs <= int(first[1]), long["stdout"]
     again = default("--fine-tune-epochs", "1000", "--time-budget", "60", run=1)  # the same command: its checkpoint
     assert f"Fine-tuning {epochs} epochs, as an earlier run of these settings chose" in again["stdout"]
