@@ -116,11 +116,11 @@ class FineTuneConfig:
         return self.low_res if epoch < self.first_kept_epoch(full) else full
 
     def schedule(self, full: int) -> str:
-        """The epochs' view sizes in words, e.g. "6 epochs: 4 at 160 px, then 2 at 224 px"."""
+        """The epochs' view sizes in words, e.g. "6 epochs (4 at 160 px, then 2 at 224 px)"."""
         low = self.first_kept_epoch(full) - 1
         if low < 1:
             return f"{self.max_epochs} epoch{'s' * (self.max_epochs != 1)} at {full} px"
-        return f"{self.max_epochs} epochs: {low} at {self.low_res} px, then {self.max_epochs - low} at {full} px"
+        return f"{self.max_epochs} epochs ({low} at {self.low_res} px, then {self.max_epochs - low} at {full} px)"
 
 
 def recipe(arch: Architecture) -> tuple[int, int, int]:

@@ -123,3 +123,44 @@ def test_int8_accuracy_table_gives_each_seed_and_the_mean():
     assert table[2] == "| mobilenet_0.25_224 | 0 | 80.0 / 90.0% | 80.0 / 90.0% | 70.0 / 60.0% |"
     assert table[-1] == "| mobilenet_0.25_224 | **mean** | 80.5 / 88.5% | 80.5 / 88.5% | 70.0 / 60.0% |"
     assert len(table) == 5  # header, rule, two seeds, the mean
+
+
+def test_fine_tune_targets_say_what_each_run_gave_and_how_far_target_1_is():
+    from benchmarks.accuracy import DEFAULT, HEAD, PINNED, ROWS
+    from benchmarks.report import fine_tune_targets
+
+    def row(arch: str, name: str, seed: int, test: float, wall_s: float, tuned: bool = True, **extra) -> dict:
+        return {"architecture": arch, "row": name, "seed": seed, "test_accuracy": test, "wall_s": wall_s,
+                "validation_accuracy": test - 1, "peak_mb": 2000, "fine_tuned": tuned, **extra}  # fmt: skip
+
+    big, flags = "mobilenet_1.0_224", list(next(r.flags for r in ROWS if r.name == PINNED))
+    assert flags == ["--fine-tune-blocks", "9"]  # the default's recipe for it, pinned
+    rows = [row(big, HEAD, 0, 91.5, 11, False), row(big, DEFAULT, 0, 91.5, 28, False), row(big, DEFAULT, 1, 93.0, 280)]
+    pinned = [row(big, PINNED, s, t, 600, flags=[*flags, "--seed", str(s)], kept_epoch=6,
+                  measured="2026-12-05 22:00") for s, t in ((0, 92.0), (1, 93.0))]  # fmt: skip
+    lines = fine_tune_targets({"rows": rows + pinned}).splitlines()
+    assert "(`--fine-tune-blocks 9`, kept epochs 6, 6): test 92.5% (92.0-93.0%)" in lines[0]
+    assert "head alone's 91.5%" in lines[0] and "10.0 min" in lines[0] and "measured 2026-12-05" in lines[0]
+    assert lines[0].endswith("missed: 1.5 points short, 2.5x the time).")
+    assert lines[1] == (
+        "- The default `flowerx train` (its default `--time-budget`), mobilenet_1.0_224: fine-tuned on 1 of 2 "
+        "seeds, test 92.2% (91.5-93.0%) against the head alone's 91.5%; the whole run 154 s (28-280 s)."
+    )
+    fast = [{**r, "test_accuracy": 93.96, "wall_s": 200} for r in pinned]  # 94.0% as printed: met
+    assert fine_tune_targets({"rows": rows + fast}).splitlines()[0].endswith("under 3000 MB: met).")
+    alone = fine_tune_targets({"rows": pinned}).splitlines()  # rows merged without a head-only run
+    assert len(alone) == 1 and "(no head-only row)" in alone[0]
+    assert "test 91.5% against" in fine_tune_targets({"rows": rows[:2]})  # one value, or all the same: no range
+
+
+def test_accuracy_rows_rerun_alone_replace_their_own_and_keep_shared_checkpoints_together():
+    from benchmarks.accuracy import choose, merge
+
+    assert [row.key for row in choose(["pinned"])] == ["pinned"] and len(choose(None)) == 6
+    with pytest.raises(SystemExit, match="default-int8 reuses default's"):
+        choose(["default-int8"])  # alone, it would fine-tune anew, not reuse the default's checkpoints
+    with pytest.raises(SystemExit, match="unknown row"):
+        choose(["fine-tuned"])
+    old = [{"architecture": "a", "row": "r", "seed": s, "test_accuracy": 1.0} for s in (0, 1)]
+    again = [{"architecture": "a", "row": "r", "seed": 1, "test_accuracy": 2.0}]
+    assert [r["test_accuracy"] for r in merge(old, again)] == [1.0, 2.0]

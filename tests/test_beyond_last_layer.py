@@ -189,7 +189,7 @@ def test_the_estimate_scales_steps_by_pixels_and_adds_validation():
     assert FineTuneConfig(13, max_epochs=3).size(1, 224) == 224  # no low_res: every epoch full size
     assert cfg.size(1, 128) == 128 and cfg.first_kept_epoch(128) == 1  # low_res not below the network's
     # in words, as a run (and a budget-shortened one: the full-size epochs stay, the low-res ones go) says it
-    assert cfg.schedule(224) == "3 epochs: 2 at 160 px, then 1 at 224 px" and cfg.schedule(128) == "3 epochs at 128 px"
+    assert cfg.schedule(224) == "3 epochs (2 at 160 px, then 1 at 224 px)" and cfg.schedule(128) == "3 epochs at 128 px"
     assert replace(cfg, max_epochs=1).schedule(224) == "1 epoch at 224 px"
     # The default recipe (blocks, epochs, low_res): where a full-size epoch is costly, the top 9 blocks at full
     # size (Inception V3: all, with progressive resizing); elsewhere all 13 blocks, 12 full-size epochs
