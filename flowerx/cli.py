@@ -17,7 +17,7 @@ import time
 import warnings
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from .errors import FlowerxError, ImageError
 from .events import printable
@@ -449,12 +449,20 @@ def _add_download(sub, common) -> None:
     p.add_argument("--dest", default=".", help="folder to put flower_photos/ in (default: .)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with the offending words of a usage error escaped for the terminal (they are the user's)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {printable(message)}\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole parser; given the command that runs, the other commands' flags (and the modules that define
     them: training, bench, serve) are left out, so `flowerx classify` imports only what classifying needs."""
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="flowerx", description=DESCRIPTION, epilog=EPILOG)
+    parser = _Parser(prog="flowerx", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"flowerx {__version__}")
     _common(parser, default=0)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -486,7 +494,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.json:
         args.json = os.path.expanduser(args.json)
         outputs = {"--json": args.json, "--output-graph": cfg.output_graph, "--output-labels": cfg.labels_path}
-        check_outputs(outputs, None, {"image dir": cfg.image_dir, "bottleneck cache": cfg.bottleneck_dir})
+        if cfg.quantize == "int8":
+            outputs["the int8 model"] = train.int8_path(cfg.output_graph)
+        folders = {"image dir": cfg.image_dir, "bottleneck cache": cfg.bottleneck_dir, "--model-dir": cfg.model_dir}
+        check_outputs(outputs, None, folders)  # the weights in --model-dir too: TrainConfig checks the rest
     reporter = Reporter(args.verbosity)
     try:
         result = train.run(cfg, reporter.events())
@@ -600,9 +611,12 @@ def _read_list(path: str) -> list[str]:
 
 def _classify_to_file(args: argparse.Namespace, paths: list[Path]) -> int:
     from .batch import classify_to_file
+    from .fileio import check_outputs
 
     if args.labels or args.input_size:
         raise FlowerxError("--output classifies with flowerx models only (their metadata): drop --labels/--input-size")
+    if args.list:
+        check_outputs({"--output": args.output}, {"--list": args.list})
     reporter = Reporter(args.verbosity, err, transient=True)
     try:
         result = classify_to_file(
@@ -737,14 +751,18 @@ def bench_table(report, wide: bool = False) -> tuple[Table, list[str]]:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
-    from .fileio import atomic_write, check_outputs
+    from .fileio import atomic_write, check_folder, check_outputs
 
     if args.quick and args.full:
         raise FlowerxError("--quick and --full exclude each other")
     outputs = {flag: path for flag, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)) if path}
     outputs = {flag: os.path.expanduser(path) for flag, path in outputs.items()}
     args.json, args.csv, args.plot = (outputs.get(flag) for flag in ("--json", "--csv", "--plot"))
-    check_outputs(outputs, {f"--graph {g}": g for g in args.graph}, {"image dir": args.image_dir})
+    check_outputs(
+        outputs, {f"--graph {g}": g for g in args.graph}, {"image dir": args.image_dir, "--model-dir": args.model_dir}
+    )
+    if args.work_dir:
+        check_folder(args.work_dir, "--work-dir")
     options = {
         k: v
         for k, v in dict(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -102,17 +103,18 @@ def atomic_write(path: str | os.PathLike, data: bytes, durable: bool = True) -> 
         if tmp.exists():
             tmp.unlink()
     if durable:
+        ours = re.compile(re.escape(f".{path.name}.") + r"(\d+)\.\d+\.tmp")
         for stale in glob.glob(glob.escape(str(path.parent / f".{path.name}.")) + "*.tmp"):
-            if not _writer_alive(stale):
+            named = ours.fullmatch(Path(stale).name)  # only names atomic_write makes: a user's own file stays
+            if named and not _alive(int(named[1])):
                 Path(stale).unlink(missing_ok=True)
 
 
-def _writer_alive(tmp: str) -> bool:
-    """Whether the process that named this temporary file (.<name>.<pid>.<thread>.tmp) still runs."""
+def _alive(pid: int) -> bool:
+    """Whether process pid (one that named a temporary file) still runs."""
     try:
-        pid = int(tmp.rsplit(".", 3)[-3])
         os.kill(pid, 0)
-    except (ValueError, IndexError, ProcessLookupError):
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:  # alive, another user's
         pass

@@ -111,6 +111,8 @@ def export_int8(
     path = int8_path(float_graph)
     check_outputs({"the int8 model": path}, {"--graph": float_graph}, {"image dir": image_dir})
     contract = Predictor(float_graph, providers="cpu").contract
+    if contract.quantization:
+        raise FlowerxError(f"{float_graph} is already an int8 model: give the float model it was made from")
     items, y, names = labelled_split(contract, float_graph.name, image_dir, follow_links)
     model = onnx.load(str(float_graph))
     try:

@@ -86,6 +86,8 @@ class ServeConfig:
             raise FlowerxError(f"--max-body-mb must be positive, got {self.max_body_mb}")
         if self.workers < 1 or self.threads < 0 or self.decode_threads < 0:
             raise FlowerxError("--workers must be at least 1, --threads and --decode-threads at least 0")
+        if not 0 <= self.port <= 65535:
+            raise FlowerxError(f"--port must be 0-65535, got {self.port}")
         if self.log_format not in ("text", "json"):
             raise FlowerxError(f"--log-format must be text or json, not {self.log_format!r}")
         self.models()

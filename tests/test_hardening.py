@@ -159,6 +159,54 @@ def test_evaluate_output_equal_to_the_model_is_refused(tmp_path, two_classes):
     assert model.read_bytes() == before
 
 
+def test_outputs_never_overwrite_the_weights_the_int8_model_or_a_list_of_images(tmp_path, two_classes):
+    models = tmp_path / "models"
+    models.mkdir()
+    weights = models / "mobilenet_2_5_224_tf_no_top.h5"
+    weights.write_bytes(b"weights")
+    train = (
+        "train",
+        "--image-dir",
+        str(two_classes),
+        "--model-dir",
+        str(models),
+        "--architecture",
+        "mobilenet_0.25_224",
+    )
+    one_line_error(run_cli(*train, "--json", str(weights)), 2, "is a file in the --model-dir")
+    graph = tmp_path / "q.onnx"
+    int8 = ("--output-graph", str(graph), "--quantize", "int8", "--json", str(tmp_path / "q.int8.onnx"))
+    one_line_error(run_cli(*train, *int8), 2, "are the same file")
+    bench = ("bench", "--quick", "--runtimes", "onnxruntime", "--model-dir", str(models), "--json", str(weights))
+    one_line_error(run_cli(*bench), 2, "is a file in the --model-dir")
+    (tmp_path / "file").write_text("x")
+    one_line_error(run_cli("bench", "--quick", "--work-dir", str(tmp_path / "file")), 2, "--work-dir")
+    model = write_tiny_model(tmp_path / "m.onnx", labels=("a", "b", "c"))
+    listed = tmp_path / "images.txt"
+    listed.write_text(str(two_classes / "a" / "0.png") + "\n")
+    one_line_error(
+        run_cli("classify", "--graph", str(model), "--list", str(listed), "--output", str(listed)), 2, "--list"
+    )
+    assert weights.read_bytes() == b"weights" and listed.read_text().endswith("0.png\n")
+
+
+def test_an_int8_model_is_not_quantized_again(tmp_path, two_classes):
+    meta = {"labels": json.dumps(["a", "b", "c"]), "input_size": "8", "resize": "bilinear", "architecture": "tiny"}
+    model = write_tiny_model(tmp_path / "m.onnx", metadata={**meta, "quantization": json.dumps({"scheme": "qdq"})})
+    one_line_error(run_cli("export-int8", "--graph", str(model), "--image-dir", str(two_classes)), 2, "already an int8")
+
+
+def test_usage_errors_and_bad_ports_are_one_escaped_line():
+    result = run_cli("classify", "x.jpg", f"--bogus{ESC}[31mRED\rOVER")
+    assert result.returncode == 2 and ESC not in result.stderr and "\r" not in result.stderr, result.stderr
+    assert "unrecognized arguments: --bogus\\x1b[31mRED\\rOVER" in result.stderr, result.stderr
+    from flowerx.serve import ServeConfig
+
+    for port in (-1, 65536):
+        with pytest.raises(FlowerxError, match="--port must be 0-65535"):
+            ServeConfig(graphs=("m.onnx",), port=port).check()
+
+
 # 4. Labels file named after the graph -------------------------------------------------------------------------
 
 

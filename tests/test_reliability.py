@@ -227,8 +227,11 @@ def test_kill_during_model_write_keeps_the_previous_model(tmp_path, where):
     proc = subprocess.run([sys.executable, "-c", KILL_AT, str(model), where], capture_output=True)
     assert proc.returncode == -signal.SIGKILL
     assert model.read_bytes() == before and Predictor(model).labels == ["red", "green", "blue"]
+    users = [tmp_path / ".model.onnx.mine.tmp", tmp_path / ".model.onnx.1.tmp"]  # a user's, not atomic_write's
+    for path in users:
+        path.write_text("precious")
     fileio.atomic_write(model, before)  # the next successful write sweeps the killed run's temp file
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.onnx", *(p.name for p in users)])
 
 
 def test_damaged_cache_entries_are_recomputed_and_reported(tmp_path):
