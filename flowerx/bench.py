@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .architectures import ARCHITECTURES, default_model_dir, get_architecture
 from .errors import FlowerxError
+from .fileio import atomic_write
 
 RUNTIMES = ("onnxruntime", "openvino", "openvino-bf16", "tensorflow", "litert", "litert-int8")
 OPENVINO_RUNTIMES = ("openvino", "openvino-bf16")  # flowerx's Predictor on onnxruntime-openvino's provider
@@ -493,6 +494,9 @@ def _set_accuracy(model: _Model, rows: list[Row], cfg: BenchConfig) -> None:
             row.accuracy = accuracy
 
 
+PLOT_FORMATS = (".png", ".svg", ".pdf")
+
+
 def plot(report: BenchReport, path: str | os.PathLike) -> None:
     """Latency (batch 1, all threads) vs. accuracy where measured, else vs. MACs; circle area = file size."""
     try:
@@ -547,5 +551,7 @@ def plot(report: BenchReport, path: str | os.PathLike) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", markerscale=0.5)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, format=Path(path).suffix.lower().lstrip("."), dpi=110)
     plt.close(fig)
+    atomic_write(path, image.getvalue())

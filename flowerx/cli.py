@@ -758,6 +758,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     outputs = {flag: path for flag, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)) if path}
     outputs = {flag: os.path.expanduser(path) for flag, path in outputs.items()}
     args.json, args.csv, args.plot = (outputs.get(flag) for flag in ("--json", "--csv", "--plot"))
+    if args.plot and Path(args.plot).suffix.lower() not in bench.PLOT_FORMATS:
+        raise FlowerxError(f"--plot must end in {', '.join(bench.PLOT_FORMATS)}, not {Path(args.plot).name!r}")
     check_outputs(
         outputs, {f"--graph {g}": g for g in args.graph}, {"image dir": args.image_dir, "--model-dir": args.model_dir}
     )

@@ -39,8 +39,9 @@ class Events:
 QUIET = Events()
 
 
-# Control characters, line separators, bidi embeddings/overrides/isolates, undecodable bytes (surrogates).
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+# Control characters, line separators, bidi marks/embeddings/overrides/isolates, zero-width space and BOM,
+# undecodable bytes (surrogates). Zero-width (non-)joiners stay: scripts and emoji use them.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b\u200e\u200f\u2028-\u202e\u2066-\u2069\ufeff\ud800-\udfff]")
 
 
 def _escape_char(match: re.Match) -> str:

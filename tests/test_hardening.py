@@ -181,6 +181,7 @@ def test_outputs_never_overwrite_the_weights_the_int8_model_or_a_list_of_images(
     one_line_error(run_cli(*bench), 2, "is a file in the --model-dir")
     (tmp_path / "file").write_text("x")
     one_line_error(run_cli("bench", "--quick", "--work-dir", str(tmp_path / "file")), 2, "--work-dir")
+    one_line_error(run_cli("bench", "--quick", "--plot", str(tmp_path / "p.foo")), 2, "--plot must end in .png")
     model = write_tiny_model(tmp_path / "m.onnx", labels=("a", "b", "c"))
     listed = tmp_path / "images.txt"
     listed.write_text(str(two_classes / "a" / "0.png") + "\n")
@@ -194,6 +195,13 @@ def test_an_int8_model_is_not_quantized_again(tmp_path, two_classes):
     meta = {"labels": json.dumps(["a", "b", "c"]), "input_size": "8", "resize": "bilinear", "architecture": "tiny"}
     model = write_tiny_model(tmp_path / "m.onnx", metadata={**meta, "quantization": json.dumps({"scheme": "qdq"})})
     one_line_error(run_cli("export-int8", "--graph", str(model), "--image-dir", str(two_classes)), 2, "already an int8")
+
+
+def test_invisible_direction_marks_are_shown_as_escapes():
+    from flowerx.events import printable
+
+    assert printable("rlm\u200fgpj.jpg \u200e\u061c\u200b\ufeff") == "rlm\\u200fgpj.jpg \\u200e\\u061c\\u200b\\ufeff"
+    assert printable("क्‍ष 👩\u200d💻") == "क्‍ष 👩\u200d💻"  # joiners are part of scripts and emoji
 
 
 def test_usage_errors_and_bad_ports_are_one_escaped_line():
