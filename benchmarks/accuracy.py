@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from benchmarks.train_speed import flowers_args, run_flowerx_train
 from flowerx.architectures import get_architecture
@@ -149,14 +148,16 @@ def main(argv: list[str] | None = None) -> None:
     )
 
 
+def spread(values: list[float], unit: str = "%", spec: str = ".1f") -> str:
+    """A measurement over seeds as its mean and (min-max), or the one value."""
+    mean, low, high = (format(v, spec) for v in (statistics.mean(values), min(values), max(values)))
+    return mean + unit if low == high else f"{mean}{unit} ({low}-{high}{unit})"
+
+
 def print_mean(rows: list[dict]) -> None:
-    tests = [r["test_accuracy"] for r in rows]
-    line = f"{rows[0]['architecture']:<20} {rows[0]['row']}: test mean {np.mean(tests):.1f}%, "
-    line += f"{min(tests):.1f}-{max(tests):.1f}%"
+    line = f"{rows[0]['architecture']:<20} {rows[0]['row']}: test {spread([r['test_accuracy'] for r in rows])}"
     int8 = [r["int8_test_accuracy"] for r in rows if "int8_test_accuracy" in r]
-    if int8:
-        line += f"; int8 mean {np.mean(int8):.1f}%, {min(int8):.1f}-{max(int8):.1f}%"
-    print(line)
+    print(line + (f"; int8 {spread(int8)}" if int8 else ""))
 
 
 def print_row(r: dict) -> None:

@@ -6,7 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
-from benchmarks.accuracy import DEFAULT, HEAD, PINNED, TARGET_1
+from benchmarks.accuracy import DEFAULT, HEAD, PINNED, TARGET_1, spread
 from flowerx.bench import cpu_label, latency_ratio
 
 HERE = Path(__file__).parent
@@ -239,12 +239,6 @@ def int8_accuracy_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _spread(values: list[float], unit: str = "%", spec: str = ".1f") -> str:
-    """A measurement over seeds as its mean and (min-max), or the one value."""
-    mean, low, high = (format(v, spec) for v in (statistics.mean(values), min(values), max(values)))
-    return mean + unit if low == high else f"{mean}{unit} ({low}-{high}{unit})"
-
-
 def fine_tune_targets(report: dict) -> str:
     """Issue 14's targets 1 and 2 from `make accuracy`'s rows (benchmarks/accuracy.py): the default's recipe
     fine-tuned whatever the time, and what the default run chose within its budget, beside the head alone."""
@@ -254,7 +248,7 @@ def fine_tune_targets(report: dict) -> str:
 
     def head(arch: str) -> str:
         heads = [r["test_accuracy"] for r in rows(arch, HEAD)]
-        return f"against the head alone's {_spread(heads)}" if heads else "(no head-only row)"
+        return f"against the head alone's {spread(heads)}" if heads else "(no head-only row)"
 
     lines = []
     pinned = rows(TARGET_1, PINNED)
@@ -270,9 +264,9 @@ def fine_tune_targets(report: dict) -> str:
         ]
         lines.append(
             f"- Fine-tuning {TARGET_1} with the default's recipe whatever the time (`{' '.join(flags)}`,"
-            f" kept epochs {', '.join(str(r.get('kept_epoch')) for r in pinned)}): test {_spread(test)} "
-            f"{head(TARGET_1)}, validation {_spread([r['validation_accuracy'] for r in pinned])}; the whole "
-            f"`flowerx train` (bottlenecks cached) {_spread(minutes, ' min')}, peak memory {peak} MB (measured "
+            f" kept epochs {', '.join(str(r.get('kept_epoch')) for r in pinned)}): test {spread(test)} "
+            f"{head(TARGET_1)}, validation {spread([r['validation_accuracy'] for r in pinned])}; the whole "
+            f"`flowerx train` (bottlenecks cached) {spread(minutes, ' min')}, peak memory {peak} MB (measured "
             f"{', '.join(when)}; target >= 94% in <= 4 min under 3000 MB: "
             + (f"missed: {', '.join(missed)})." if missed else "met).")
         )
@@ -282,8 +276,8 @@ def fine_tune_targets(report: dict) -> str:
             tuned = sum(r.get("fine_tuned", False) for r in default)
             lines.append(
                 f"- The default `flowerx train` (its default `--time-budget`), {arch}: fine-tuned on {tuned} of "
-                f"{len(default)} seeds, test {_spread([r['test_accuracy'] for r in default])} {head(arch)}; the "
-                f"whole run {_spread([r['wall_s'] for r in default], ' s', '.0f')}."
+                f"{len(default)} seeds, test {spread([r['test_accuracy'] for r in default])} {head(arch)}; the "
+                f"whole run {spread([r['wall_s'] for r in default], ' s', '.0f')}."
             )
     return "\n".join(lines)
 

@@ -486,18 +486,14 @@ def _need_train_extra(command: str) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from . import train
-    from .fileio import atomic_write, check_outputs
+    from .fileio import atomic_write
 
     cfg = train.TrainConfig(**{f.name: getattr(args, f.name) for f in fields(train.TrainConfig)})
     cfg.check()
     _need_train_extra("train")
     if args.json:
         args.json = os.path.expanduser(args.json)
-        outputs = {"--json": args.json, "--output-graph": cfg.output_graph, "--output-labels": cfg.labels_path}
-        if cfg.quantize == "int8":
-            outputs["the int8 model"] = train.int8_path(cfg.output_graph)
-        folders = {"image dir": cfg.image_dir, "bottleneck cache": cfg.bottleneck_dir, "--model-dir": cfg.model_dir}
-        check_outputs(outputs, None, folders)  # the weights in --model-dir too: TrainConfig checks the rest
+        cfg.check_paths(also={"--json": args.json})
     reporter = Reporter(args.verbosity)
     try:
         result = train.run(cfg, reporter.events())
@@ -751,6 +747,7 @@ def bench_table(report, wide: bool = False) -> tuple[Table, list[str]]:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
+    from .architectures import ARCHITECTURES, default_model_dir
     from .fileio import atomic_write, check_folder, check_outputs
 
     if args.quick and args.full:
@@ -760,9 +757,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     args.json, args.csv, args.plot = (outputs.get(flag) for flag in ("--json", "--csv", "--plot"))
     if args.plot and Path(args.plot).suffix.lower() not in bench.PLOT_FORMATS:
         raise FlowerxError(f"--plot must end in {', '.join(bench.PLOT_FORMATS)}, not {Path(args.plot).name!r}")
-    check_outputs(
-        outputs, {f"--graph {g}": g for g in args.graph}, {"image dir": args.image_dir, "--model-dir": args.model_dir}
-    )
+    models = Path(args.model_dir or default_model_dir()).expanduser()
+    weights = {f"weights {a.weights_file}": models / a.weights_file for a in ARCHITECTURES.values()}
+    check_outputs(outputs, {**{f"--graph {g}": g for g in args.graph}, **weights}, {"image dir": args.image_dir})
     if args.work_dir:
         check_folder(args.work_dir, "--work-dir")
     options = {

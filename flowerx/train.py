@@ -257,11 +257,13 @@ class TrainConfig:
                 raise FlowerxError(f"--{_flag(name)} must be positive or -1 (all)")
         check_experiment_name(self.experiment_name)
 
-    def check_paths(self, weights: Path | None = None) -> None:
-        """Outputs distinct, writable, and not an input; cache and summary folders not files. Before any work."""
-        outputs = {"--output-graph": self.output_graph, "--output-labels": self.labels_path}
+    def check_paths(self, weights: Path | None = None, also: dict[str, str] | None = None) -> None:
+        """Outputs (and the caller's own, also: flag -> path) distinct, writable, and not an input (the weights:
+        where they will be, until they are found); cache and summary folders not files. Before any work."""
+        outputs = {"--output-graph": self.output_graph, "--output-labels": self.labels_path, **(also or {})}
         if self.quantize == "int8":
             outputs["the int8 model"] = int8_path(self.output_graph)
+        weights = weights or Path(self.model_dir).expanduser() / get_architecture(self.architecture).weights_file
         check_outputs(
             outputs, {"weights": weights}, {"image dir": self.image_dir, "bottleneck cache": self.bottleneck_dir}
         )

@@ -173,12 +173,14 @@ def test_outputs_never_overwrite_the_weights_the_int8_model_or_a_list_of_images(
         "--architecture",
         "mobilenet_0.25_224",
     )
-    one_line_error(run_cli(*train, "--json", str(weights)), 2, "is a file in the --model-dir")
+    one_line_error(run_cli(*train, "--json", str(weights)), 2, "is the weights file: it would be overwritten")
+    (models / "run.json").write_text("{}")  # a user's earlier result beside the weights may be replaced
+    one_line_error(run_cli(*train, "--json", str(models / "run.json")), 2, "cannot load weights")  # (they are fake)
     graph = tmp_path / "q.onnx"
     int8 = ("--output-graph", str(graph), "--quantize", "int8", "--json", str(tmp_path / "q.int8.onnx"))
     one_line_error(run_cli(*train, *int8), 2, "are the same file")
     bench = ("bench", "--quick", "--runtimes", "onnxruntime", "--model-dir", str(models), "--json", str(weights))
-    one_line_error(run_cli(*bench), 2, "is a file in the --model-dir")
+    one_line_error(run_cli(*bench), 2, f"is the weights {weights.name} file: it would be overwritten")
     (tmp_path / "file").write_text("x")
     one_line_error(run_cli("bench", "--quick", "--work-dir", str(tmp_path / "file")), 2, "--work-dir")
     one_line_error(run_cli("bench", "--quick", "--plot", str(tmp_path / "p.foo")), 2, "--plot must end in .png")
