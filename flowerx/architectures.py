@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import urllib.error
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,11 +123,7 @@ def resolve_weights(
         return path
     try:
         return download(arch.weights_url, path, KNOWN_HASHES.get(arch.weights_file), on_progress=on_progress)
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
+    except FlowerxError as e:
         present = available_architectures(model_dir)
         have = f"weights present there: {', '.join(present)}" if present else "no weights are present there"
-        reason = getattr(e, "reason", e)
-        raise FlowerxError(
-            f"no weights for {arch.name} in {model_dir} ({arch.weights_file}) and downloading "
-            f"{arch.weights_url} failed (offline? {reason}); {have}"
-        ) from None
+        raise FlowerxError(f"no weights for {arch.name} in {model_dir} ({arch.weights_file}): {e}; {have}") from None

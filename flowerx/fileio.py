@@ -138,29 +138,58 @@ def download(
 ) -> Path:
     """Download url over HTTPS to dest: into a temporary file beside it, check the hash where one is known
     (32 hex digits: md5 as Keras pins them; 64: sha256), and only then move it into place.
-    on_progress(bytes so far, total bytes or None) is called as the bytes arrive."""
+    on_progress(bytes so far, total bytes or None) is called as the bytes arrive.
+
+    FlowerxError on failure, saying which side failed: the network ("offline?") or this machine (a folder
+    that cannot be written, a full disk)."""
+    import http.client
     import urllib.request
 
     if not url.startswith("https://"):
         raise FlowerxError(f"refusing to download over plain HTTP: {url}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            expected = response.headers.get("Content-Length") if hasattr(response, "headers") else None
-            total = int(expected) if expected is not None else None
-            for chunk in iter(lambda: response.read(1 << 20), b""):
-                out.write(chunk)
-                if on_progress:
-                    on_progress(out.tell(), total)
-            if total is not None and out.tell() != total:
-                raise FlowerxError(f"download of {url} was cut off ({out.tell()} of {expected} bytes)")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    except OSError as e:
+        raise FlowerxError(f"cannot download into {dest.parent}: {e.strerror or e}") from None
+    network_errors = (OSError, http.client.HTTPException)  # urllib's URLError and socket timeouts are OSErrors
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                response = urllib.request.urlopen(url, timeout=timeout)
+            except network_errors as e:
+                raise FlowerxError(f"cannot download {url} (offline? {getattr(e, 'reason', e)})") from None
+            with response:
+                expected = response.headers.get("Content-Length") if hasattr(response, "headers") else None
+                total = int(expected) if expected is not None else None
+                while True:
+                    try:
+                        chunk = response.read(1 << 20)
+                    except network_errors as e:
+                        raise FlowerxError(f"download of {url} was cut off: {e}") from None
+                    if not chunk:
+                        break
+                    try:
+                        out.write(chunk)
+                    except OSError as e:
+                        raise FlowerxError(f"cannot write {dest}: {e.strerror or e}") from None
+                    if on_progress:
+                        on_progress(out.tell(), total)
+                try:
+                    out.flush()
+                except OSError as e:
+                    raise FlowerxError(f"cannot write {dest}: {e.strerror or e}") from None
+                if total is not None and out.tell() != total:
+                    raise FlowerxError(f"download of {url} was cut off ({out.tell()} of {expected} bytes)")
         if expected_hash:
             algorithm = "md5" if len(expected_hash) == 32 else "sha256"
             actual = file_hash(tmp, algorithm)
             if actual != expected_hash:
                 raise FlowerxError(f"download of {url} is corrupt: {algorithm} {actual} != {expected_hash}")
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except OSError as e:
+            raise FlowerxError(f"cannot write {dest}: {e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -63,3 +63,34 @@ def test_download_checks_hash_before_moving_into_place(tmp_path, monkeypatch):
     assert dest.read_bytes() == b"tampered"
     with pytest.raises(FlowerxError, match="plain HTTP"):
         fileio.download("http://example.invalid/w.h5", dest)
+
+
+def test_download_says_which_side_failed(tmp_path, monkeypatch):
+    """A folder that cannot be written is this machine's problem, not the network's: no "offline?" there."""
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"weights"))
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(FlowerxError, match="cannot download into .*file") as e:
+        fileio.download("https://example.invalid/w.h5", tmp_path / "file" / "w.h5")
+    assert "offline" not in str(e.value)
+    with pytest.raises(FlowerxError, match=r"no weights for mobilenet_1.0_224 .*cannot download into") as e:
+        A.resolve_weights(A.get_architecture("mobilenet_1.0_224"), tmp_path / "file")
+    assert "offline" not in str(e.value)
+
+    class CutOff(io.BytesIO):
+        def read(self, n=-1):
+            raise ConnectionResetError("connection reset by peer")
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: CutOff())
+    with pytest.raises(FlowerxError, match="was cut off: connection reset"):
+        fileio.download("https://example.invalid/w.h5", tmp_path / "w.h5")
+    assert list(tmp_path.iterdir()) == [tmp_path / "file"]  # no partial file left
+
+
+def test_download_offline_says_so(tmp_path, monkeypatch):
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(FlowerxError, match=r"cannot download https://example.invalid/w.h5 \(offline\? no network\)"):
+        fileio.download("https://example.invalid/w.h5", tmp_path / "w.h5")
+    assert list(tmp_path.iterdir()) == []
