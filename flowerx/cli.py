@@ -254,7 +254,10 @@ def _add_train(sub, common, full: bool = True) -> None:
 
 def _add_model_flags(p) -> None:
     p.add_argument("--graph", default="model.onnx", help="the ONNX model (default: model.onnx)")
-    p.add_argument("--labels", help="labels file, for an ONNX model without flowerx metadata")
+    p.add_argument(
+        "--labels",
+        help="labels file, for an ONNX model without flowerx metadata (or to rename a flowerx model's: same count)",
+    )
     p.add_argument("--input-size", type=int, help="input side S, for an ONNX model without flowerx metadata")
     p.add_argument(
         "--providers",

@@ -172,13 +172,19 @@ class Contract:
                 labels = check_labels(json.loads(meta["labels"]), f"{name}'s labels metadata")
             except json.JSONDecodeError as e:
                 raise FlowerxError(f"{name}: unreadable labels metadata ({e})") from None
-        if input_size is None and "input_size" in meta:
+        if "input_size" in meta:
             try:
-                input_size = int(meta["input_size"])
+                own = int(meta["input_size"])
             except ValueError:
                 raise FlowerxError(
                     f"{name}: input_size metadata is not a whole number ({meta['input_size'][:40]!r})"
                 ) from None
+            if input_size is not None and input_size != own:  # a wrong size runs, and answers wrongly
+                raise FlowerxError(
+                    f"{name} was trained at {own} x {own} pixels (its metadata), not {input_size}: drop the "
+                    "input size (it is for models without flowerx metadata)"
+                )
+            input_size = own
         if labels is None or input_size is None:
             raise NoMetadataError(
                 f"{name} has no flowerx metadata (labels, input_size): pass labels and input_size "

@@ -21,6 +21,22 @@ def test_reads_contract_from_metadata(model):
     assert p.provider == "CPUExecutionProvider"
 
 
+def test_given_labels_rename_but_a_given_size_must_match_the_metadata(model, tmp_path):
+    """Labels may be renamed (same count); a size other than the one the model was trained at would run and
+    answer wrongly (a contract-2 model takes any size), so it is refused, not silently used."""
+    assert (
+        Predictor(model, labels=["rouge", "vert", "bleu"]).predict(solid(tmp_path / "r.png", (250, 0, 0)))[0][0]
+        == "rouge"
+    )
+    assert Predictor(model, input_size=8).input_size == 8
+    with pytest.raises(FlowerxError, match=r"tiny.onnx was trained at 8 x 8 pixels \(its metadata\), not 16"):
+        Predictor(model, input_size=16)
+    with pytest.raises(FlowerxError, match="trained at 8 x 8 pixels"):  # any size in: it would have run
+        Predictor(write_tiny_v2_model(tmp_path / "v2.onnx"), input_size=16)
+    with pytest.raises(FlowerxError, match="3 outputs but 2 labels"):
+        Predictor(model, labels=["a", "b"])
+
+
 def test_predict_every_source_kind(model, tmp_path):
     p = Predictor(model)
     path = solid(tmp_path / "g.png", (10, 200, 10))
