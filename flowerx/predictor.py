@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from . import data
 from .contract import LABELS, OUTPUT, Contract, check_labels
 from .data import ImageSource, prepare_image
 from .errors import FlowerxError
@@ -219,6 +220,8 @@ class Predictor:
             raise FlowerxError(f"threads must be a whole number >= 0 (0: onnxruntime's default), got {threads!r}")
         if max_image_bytes is not None and not (isinstance(max_image_bytes, int) and max_image_bytes > 0):
             raise FlowerxError(f"max_image_bytes must be a positive whole number, got {max_image_bytes!r}")
+        if max_image_bytes is None:
+            data.max_image_bytes()  # FLOWERX_MAX_IMAGE_MB is read at each image; a bad one fails here, once
         self.max_image_bytes = max_image_bytes
         available = ort.get_available_providers()
         if providers == "cuda" and "CUDAExecutionProvider" not in available:

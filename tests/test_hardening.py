@@ -277,6 +277,18 @@ def test_image_size_limit_is_configurable(tmp_path, monkeypatch):
         Predictor(model, max_image_bytes=1 << 20).predict(big)
 
 
+def test_a_bad_image_size_limit_is_one_error_up_front(tmp_path, monkeypatch):
+    model = write_tiny_model(tmp_path / "m.onnx")
+    images = [make_image(tmp_path / f"{i}.png", seed=i) for i in range(3)]
+    monkeypatch.setenv("FLOWERX_MAX_IMAGE_MB", "lots")
+    with pytest.raises(FlowerxError, match="FLOWERX_MAX_IMAGE_MB must be a number of MiB, not 'lots'"):
+        Predictor(model)
+    assert Predictor(model, max_image_bytes=1 << 20).predict(images[0])  # a limit given in code needs no variable
+    result = run_cli("classify", "--graph", str(model), *map(str, images))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "error: FLOWERX_MAX_IMAGE_MB must be a number of MiB, not 'lots'\n"
+
+
 # 6. Link loops and links out of the image dir --------------------------------------------------------------
 
 
