@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -21,6 +22,21 @@ from pathlib import Path
 from .errors import FlowerxError
 
 BATCH = 32
+
+
+def check_reachable(address: str | None, timeout: float = 5.0) -> None:
+    """Refuse, with one line, a cluster address nothing answers at: ray.init would retry it for minutes,
+    logging warnings. Empty, "auto" and "local" are Ray's to resolve."""
+    if not address or address in ("auto", "local"):
+        return
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise FlowerxError(f"--ray: a cluster address is HOST:PORT, ray://HOST:PORT or auto, not {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        reason = "timed out" if isinstance(e, TimeoutError) else e.strerror or str(e)
+        raise FlowerxError(f"--ray: nothing answers at {address} ({reason}); is the Ray cluster up?") from None
 
 
 @contextlib.contextmanager
@@ -33,6 +49,7 @@ def ray_session(address: str | None):
         raise FlowerxError('--ray needs Ray: pip install "flowerx[ray]"') from None
     started = not ray.is_initialized()
     if started:
+        check_reachable(address)
         ray.init(address=address or None, logging_level="ERROR", log_to_driver=False, include_dashboard=False)
     quiet = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("ray.data")]
     levels = [log.level for log in quiet]

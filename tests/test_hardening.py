@@ -1044,3 +1044,40 @@ def test_bench_seconds_must_be_finite_and_quiet_goes_before_the_command(tmp_path
     model = write_tiny_model(tmp_path / "m.onnx")
     result = run_cli("-q", "classify", str(solid(tmp_path / "r.png", (250, 0, 0))), "--graph", str(model))
     assert result.returncode == 0 and result.stdout.startswith("red ")
+
+
+# 23. Ray cluster addresses --------------------------------------------------------------------------------------------
+
+
+def test_a_ray_address_nothing_answers_at_is_one_line_at_once(tmp_path):
+    """ray.init retries an unreachable cluster for minutes, logging the address raw; flowerx asks first."""
+    import socket
+
+    from flowerx.onray import check_reachable
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there now
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(FlowerxError, match=f"nothing answers at 127.0.0.1:{port} \\(Connection refused\\)"):
+        check_reachable(f"127.0.0.1:{port}")
+    for bad in ("127.0.0.1", "host:port", ":6379", "h:70000"):
+        with pytest.raises(FlowerxError, match="a cluster address is HOST:PORT"):
+            check_reachable(bad)
+    for resolved_by_ray in (None, "", "auto", "local"):
+        check_reachable(resolved_by_ray)
+    with socket.create_server(("127.0.0.1", 0)) as server:  # something answers: Ray's turn
+        check_reachable(f"ray://127.0.0.1:{server.getsockname()[1]}")
+
+    pytest.importorskip("ray", reason='Ray is not installed (pip install "flowerx[ray]")')
+    model = write_tiny_model(tmp_path / "m.onnx")
+    image = make_image(tmp_path / "1.png")
+    args = ("classify", "--graph", str(model), str(image), "--output", str(tmp_path / "out.jsonl"), "--ray")
+    result = run_cli(*args, f"127.0.0.1:{port}\x1b[31m", timeout=60)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "\x1b" not in result.stderr
+    result = run_cli(*args, f"127.0.0.1:{port}", timeout=60)
+    assert (
+        result.returncode == 2
+        and result.stderr
+        == f"error: --ray: nothing answers at 127.0.0.1:{port} (Connection refused); is the Ray cluster up?\n"
+    )
+    assert not (tmp_path / "out.jsonl").exists()
