@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine (see README):
 #   make demo   create .venv, install flowerx with its extras, train on the flower photos, classify a daisy
 #   make test   create .venv, install flowerx with its extras and the conformance suite's Node clients (where
-#               npm is), lint (ruff), run the test suite
+#               npm is), lint (ruff), run the test suite; then the OpenVINO provider's tests in .venv-openvino
 # make bench regenerates benchmarks/results/ and benchmarks/README.md (several minutes; keep the machine quiet).
 # make accuracy regenerates benchmarks/results/accuracy.json, the README's accuracy table, and int8_accuracy.json
 #               (flowerx's int8 against LiteRT's, benchmarks/README.md; about 45 minutes).
@@ -42,6 +42,20 @@ test: $(BIN)/.installed clients
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	FLOWERX_SHARED=$${FLOWERX_SHARED:-$(abspath $(SHARED))} $(BIN)/python -m pytest -q
+	$(MAKE) test-openvino
+
+# onnxruntime-openvino replaces onnxruntime, so its provider is tested in a venv of its own: a serving install
+# (no TensorFlow) with onnxruntime swapped for it as the README says, flowerx editable (this checkout's code).
+OV_VENV = .venv-openvino
+$(OV_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(OV_VENV)
+	$(OV_VENV)/bin/python -m pip install --quiet -e . pytest onnx
+	$(OV_VENV)/bin/python -m pip uninstall --quiet -y onnxruntime
+	$(OV_VENV)/bin/python -m pip install --quiet onnxruntime-openvino
+	touch $@
+
+test-openvino: $(OV_VENV)/.installed
+	FLOWERX_EXPECT_OPENVINO=1 $(OV_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_openvino.py
 
 bench: $(BIN)/.installed
 	test -f runs/mobilenet_1.0_224/model.onnx || $(MAKE) demo ARCH=mobilenet_1.0_224
@@ -81,4 +95,4 @@ scale-bench: $(BIN)/.installed
 	$(BIN)/python -m benchmarks.scale --shared $(SHARED) --classify-graph runs/mobilenet_0.25_224/model.onnx \
 		--json $(RESULTS)/scale.json
 
-.PHONY: install clients demo test bench accuracy conformance serve-bench scale-bench
+.PHONY: install clients demo test test-openvino bench accuracy conformance serve-bench scale-bench

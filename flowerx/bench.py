@@ -281,6 +281,12 @@ def _measure(model: _Model, runtime: str, threads: int, cfg: BenchConfig) -> Row
     if importlib.util.find_spec(RUNTIME_MODULE[runtime]) is None or (runtime in OPENVINO_RUNTIMES and not _openvino()):
         row.status = f"skipped: {RUNTIME_MODULE[runtime]} not installed ({INSTALL_HINT.get(runtime, '')})"
         return row
+    if runtime == "openvino-bf16":
+        from .predictor import openvino_has_bf16
+
+        if openvino_has_bf16() is False:  # the row would time fp32 under a bf16 name
+            row.status = "skipped: this CPU has no bf16 (AMX, AVX512-BF16): OpenVINO runs fp32, the openvino row"
+            return row
     path = model.onnx if ours else model.dir / RUNTIME_FILE[runtime]
     if not path.exists():
         why = model.info.get("prepare_error", "not prepared")

@@ -98,19 +98,6 @@ def test_bench_bad_arguments(tmp_path):
     assert result.returncode == 2 and "unknown architecture" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_openvino_rows_run_where_its_provider_is_installed_and_say_so_elsewhere(tmp_path):
-    import onnxruntime
-
-    installed = "OpenVINOExecutionProvider" in onnxruntime.get_available_providers()
-    assert ("openvino" in bench.default_runtimes()) == installed == ("openvino-bf16" in bench.default_runtimes())
-    model = bench._Model("m", "mobilenet_0.25_128", tmp_path, tmp_path / "missing.onnx")
-    row = bench._measure(model, "openvino-bf16", 1, bench.BenchConfig.quick())
-    if not installed:  # asked for by name: a row that says what to install, not a failure
-        assert row.status.startswith("skipped:") and "onnxruntime-openvino" in row.status
-    else:  # installed: it goes on to the model file, which this one lacks
-        assert "no model.onnx" in row.status
-
-
 def test_int8_accuracy_table_gives_each_seed_and_the_mean():
     from benchmarks.report import int8_accuracy_table
 

@@ -206,48 +206,6 @@ def test_the_optimised_session_is_cached_once_and_follows_the_model(tmp_path, mo
     assert Predictor(model, providers="cpu").labels == ["a", "b", "c"]
 
 
-def _has_openvino() -> bool:
-    import onnxruntime as ort
-
-    return "OpenVINOExecutionProvider" in ort.get_available_providers()
-
-
-@pytest.mark.skipif(_has_openvino(), reason="onnxruntime-openvino is installed here")
-def test_openvino_without_its_package_is_one_clear_error(model):
-    for name in ("openvino", "openvino-bf16"):
-        with pytest.raises(FlowerxError, match="needs onnxruntime-openvino in place of onnxruntime"):
-            Predictor(model, providers=name)
-    assert Predictor(model).provider == "CPUExecutionProvider"  # auto: the CPU
-    with pytest.raises(FlowerxError, match="providers must be 'auto' or one of"):
-        Predictor(model, providers="tpu")
-
-
-@pytest.mark.skipif(not _has_openvino(), reason="onnxruntime-openvino is not installed (it replaces onnxruntime)")
-def test_openvino_runs_the_model_and_says_its_precision(model, tmp_path, monkeypatch):
-    """Issue 14: where onnxruntime-openvino is installed, "auto" and "openvino" run on it, "openvino-bf16" says so."""
-    image = solid(tmp_path / "green.png", (10, 200, 10))
-    reference = Predictor(model, providers="cpu").probabilities([image])
-    for name, provider in (
-        ("auto", "OpenVINOExecutionProvider"),
-        ("openvino", "OpenVINOExecutionProvider"),
-        ("openvino-bf16", "OpenVINOExecutionProvider (bf16)"),
-    ):
-        predictor = Predictor(model, providers=name)
-        assert predictor.provider == provider and predictor.predict(image, 1)[0].label == "green"
-        assert np.abs(predictor.probabilities([image]) - reference).max() < (0.02 if "bf16" in name else 1e-5)
-    from flowerx import predictor as predictor_module
-
-    asked, session = [], predictor_module.ort.InferenceSession
-
-    def recording(path, options=None, providers=None, **more):  # OpenVINO does not report its options back
-        asked.append(providers)
-        return session(path, options, providers=providers, **more)
-
-    monkeypatch.setattr(predictor_module.ort, "InferenceSession", recording)
-    Predictor(model, providers="openvino", threads=1)  # OpenVINO's own thread option, not onnxruntime's
-    assert asked[-1][0] == ("OpenVINOExecutionProvider", {"device_type": "CPU", "num_of_threads": "1"})
-
-
 def test_pruning_old_sessions_removes_only_flowerx_entries(tmp_path, monkeypatch):
     """The user cache keeps SESSIONS_KEPT optimised sessions and drops old temps of killed processes; files it did
     not name itself are never touched."""
