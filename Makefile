@@ -3,8 +3,8 @@
 #   make test   create .venv, install flowerx with its extras and the conformance suite's Node clients (where
 #               npm is), lint (ruff), run the test suite; then the OpenVINO provider's tests in .venv-openvino
 # make bench regenerates benchmarks/results/ and benchmarks/README.md (several minutes; keep the machine quiet).
-# make accuracy regenerates benchmarks/results/accuracy.json, the README's accuracy table, and int8_accuracy.json
-#               (flowerx's int8 against LiteRT's, benchmarks/README.md; about 45 minutes).
+# make accuracy regenerates benchmarks/results/accuracy.json, the README's accuracy table, int8_accuracy.json
+#               (flowerx's int8 against LiteRT's) and frozen_features.json (benchmarks/README.md; about 1h40).
 PYTHON ?= python3
 VENV ?= .venv
 SHARED ?= ../shared
@@ -74,6 +74,7 @@ bench: $(BIN)/.installed
 accuracy: $(BIN)/.installed
 	$(BIN)/python -m benchmarks.accuracy --shared $(SHARED) --json $(RESULTS)/accuracy.json
 	$(BIN)/python -m benchmarks.int8_accuracy --shared $(SHARED) --json $(RESULTS)/int8_accuracy.json
+	$(BIN)/python -m benchmarks.frozen_features --shared $(SHARED) --json $(RESULTS)/frozen_features.json
 	$(BIN)/python -m benchmarks.report
 
 conformance: $(BIN)/.installed clients

@@ -282,6 +282,24 @@ def fine_tune_targets(report: dict) -> str:
     return "\n".join(lines)
 
 
+def frozen_features_table(report: dict) -> str:
+    """Target 1's other road: flowerx's head alone on richer frozen features (benchmarks/frozen_features.py),
+    each against the first row, flowerx's own bottleneck."""
+    lines = [
+        f"| frozen {report['architecture']} features | values | network cost | validation | test |",
+        "|---|---:|---:|---|---|",
+    ]
+    base = report["rows"][0]
+    for row in report["rows"]:
+        cells = []
+        for split in ("validation", "test"):
+            values = [run[split] for run in row["runs"]]
+            gain = "" if row is base else f"; {statistics.mean(values) - base[split]:+.1f}"
+            cells.append(spread(values) + gain)
+        lines.append(f"| {row['name']} | {row['features']} | {row['cost']:.2f}x | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
 def machine_line(report: dict) -> str:
     m = report["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
@@ -308,6 +326,9 @@ def main() -> None:
     accuracy = _load("accuracy.json")
     if accuracy:
         text = text.replace("{{fine_tune_targets}}", fine_tune_targets(accuracy))
+    frozen = _load("frozen_features.json")
+    if frozen:
+        text = text.replace("{{frozen_features}}", frozen_features_table(frozen))
     scale = _load("scale.json")
     if scale:
         text = text.replace("{{scale}}", scale_tables(scale))

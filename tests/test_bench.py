@@ -4,6 +4,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import run_cli
 
@@ -110,6 +111,32 @@ def test_int8_accuracy_table_gives_each_seed_and_the_mean():
     assert table[2] == "| mobilenet_0.25_224 | 0 | 80.0 / 90.0% | 80.0 / 90.0% | 70.0 / 60.0% |"
     assert table[-1] == "| mobilenet_0.25_224 | **mean** | 80.5 / 88.5% | 80.5 / 88.5% | 70.0 / 60.0% |"
     assert len(table) == 5  # header, rule, two seeds, the mean
+
+
+def test_frozen_features_table_gives_each_variant_against_flowerx_bottleneck():
+    from benchmarks.frozen_features import VARIANTS, design
+    from benchmarks.report import frozen_features_table
+
+    def row(name: str, cost: float, validation: list[float], test: list[float]) -> dict:
+        runs = [{"validation": v, "test": t} for v, t in zip(validation, test)]
+        return {"name": name, "features": 1024, "cost": cost, "runs": runs,
+                "validation": sum(validation) / len(validation), "test": sum(test) / len(test)}  # fmt: skip
+
+    rows = [row("base", 1.0, [89.9] * 3, [91.5] * 3), row("288 px", 1.65, [91.0, 92.0, 93.0], [91.8] * 3)]
+    report = {"architecture": "mobilenet_1.0_224", "rows": rows}
+    table = frozen_features_table(report).splitlines()
+    assert table[2] == "| base | 1024 | 1.00x | 89.9% | 91.5% |"
+    assert table[3] == "| 288 px | 1024 | 1.65x | 92.0% (91.0-93.0%); +2.1 | 91.8%; +0.3 |"
+    # The head's input: joined layers are z-scored on the training rows, a mirror is averaged in.
+    layers = ("conv_pw_11_relu", "conv_pw_12_relu", "conv_pw_13_relu")
+    features = {
+        (224, name, m): np.full((4, 2), 10.0 * k + m, np.float32) for k, name in enumerate(layers) for m in (0, 1)
+    }
+    features[224, "conv_pw_13_relu", False][0] = 0.0
+    mirrored = design(VARIANTS[3], features, np.arange(4))
+    assert mirrored.shape == (4, 2) and mirrored[1, 0] == 20.5 and mirrored[0, 0] == 10.5
+    joined = design(VARIANTS[2], features, np.arange(4))
+    assert joined.shape == (4, 6) and abs(joined[:, 4:].mean()) < 1e-5 and joined[:, :4].max() == 0
 
 
 def test_fine_tune_targets_say_what_each_run_gave_and_how_far_target_1_is():
