@@ -285,7 +285,7 @@ def _measure(model: _Model, runtime: str, threads: int, cfg: BenchConfig) -> Row
         from .predictor import openvino_has_bf16
 
         if openvino_has_bf16() is False:  # the row would time fp32 under a bf16 name
-            row.status = "skipped: this CPU has no bf16 (AMX, AVX512-BF16): OpenVINO runs fp32, the openvino row"
+            row.status = "skipped: OpenVINO has no bf16 on this CPU: it runs fp32, the openvino row"
             return row
     path = model.onnx if ours else model.dir / RUNTIME_FILE[runtime]
     if not path.exists():

@@ -140,11 +140,8 @@ def download(
     (32 hex digits: md5 as Keras pins them; 64: sha256), and only then move it into place.
     on_progress(bytes so far, total bytes or None) is called as the bytes arrive.
 
-    FlowerxError on failure, saying which side failed: the network ("offline?") or this machine (a folder
-    that cannot be written, a full disk)."""
-    import http.client
-    import urllib.request
-
+    FlowerxError on failure, saying which side failed: the network ("offline?", cut off, the server's answer)
+    or this machine (a folder that cannot be written, a full disk)."""
     if not url.startswith("https://"):
         raise FlowerxError(f"refusing to download over plain HTTP: {url}")
     try:
@@ -152,48 +149,58 @@ def download(
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     except OSError as e:
         raise FlowerxError(f"cannot download into {dest.parent}: {e.strerror or e}") from None
-    network_errors = (OSError, http.client.HTTPException)  # urllib's URLError and socket timeouts are OSErrors
     try:
         with os.fdopen(fd, "wb") as out:
-            try:
-                response = urllib.request.urlopen(url, timeout=timeout)
-            except network_errors as e:
-                raise FlowerxError(f"cannot download {url} (offline? {getattr(e, 'reason', e)})") from None
-            with response:
-                expected = response.headers.get("Content-Length") if hasattr(response, "headers") else None
-                total = int(expected) if expected is not None else None
-                while True:
-                    try:
-                        chunk = response.read(1 << 20)
-                    except network_errors as e:
-                        raise FlowerxError(f"download of {url} was cut off: {e}") from None
-                    if not chunk:
-                        break
-                    try:
-                        out.write(chunk)
-                    except OSError as e:
-                        raise FlowerxError(f"cannot write {dest}: {e.strerror or e}") from None
-                    if on_progress:
-                        on_progress(out.tell(), total)
-                try:
-                    out.flush()
-                except OSError as e:
-                    raise FlowerxError(f"cannot write {dest}: {e.strerror or e}") from None
-                if total is not None and out.tell() != total:
-                    raise FlowerxError(f"download of {url} was cut off ({out.tell()} of {expected} bytes)")
+            _fetch(url, out, timeout, on_progress)
         if expected_hash:
             algorithm = "md5" if len(expected_hash) == 32 else "sha256"
             actual = file_hash(tmp, algorithm)
             if actual != expected_hash:
                 raise FlowerxError(f"download of {url} is corrupt: {algorithm} {actual} != {expected_hash}")
-        try:
-            os.replace(tmp, dest)
-        except OSError as e:
-            raise FlowerxError(f"cannot write {dest}: {e.strerror or e}") from None
+        os.replace(tmp, dest)
+    except OSError as e:  # this machine's side: _fetch turns the network's errors into FlowerxError
+        raise FlowerxError(f"cannot write {dest}: {e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return dest
+
+
+def _fetch(url: str, out, timeout: float, on_progress: Callable[[int, int | None], None] | None) -> None:
+    """Stream url into the open file out. The network's failures become FlowerxError; the file's own
+    (a full disk) stay OSError, for download to report as this machine's."""
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    network_errors = (OSError, http.client.HTTPException)  # urllib's URLError and socket timeouts are OSErrors
+    try:
+        response = urllib.request.urlopen(url, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        raise FlowerxError(f"cannot download {url}: the server answered {e.code} {e.reason}") from None
+    except network_errors as e:
+        raise FlowerxError(f"cannot download {url} (offline? {getattr(e, 'reason', e)})") from None
+    try:
+        expected = response.headers.get("Content-Length") if hasattr(response, "headers") else None
+        total = int(expected) if expected is not None and expected.strip().isdigit() else None
+        while True:
+            try:
+                chunk = response.read(1 << 20)
+            except network_errors as e:
+                raise FlowerxError(f"download of {url} was cut off: {e}") from None
+            if not chunk:
+                break
+            out.write(chunk)
+            if on_progress:
+                on_progress(out.tell(), total)
+        out.flush()
+        if total is not None and out.tell() != total:
+            raise FlowerxError(f"download of {url} was cut off ({out.tell()} of {total} bytes)")
+    finally:
+        try:
+            response.close()
+        except network_errors:
+            pass
 
 
 MAX_EXTRACT_BYTES = 8 << 30  # the flower photos unpack to 0.23 GB

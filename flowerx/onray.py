@@ -26,11 +26,11 @@ BATCH = 32
 
 def check_reachable(address: str | None, timeout: float = 5.0) -> None:
     """Refuse, with one line, a cluster address nothing answers at: ray.init would retry it for minutes,
-    logging warnings. Empty, "auto" and "local" are Ray's to resolve."""
-    if not address or address in ("auto", "local"):
-        return
+    logging warnings. Empty, "auto", "local" and schemes other than ray:// are Ray's to resolve."""
+    if not address or address in ("auto", "local") or ("://" in address and not address.startswith("ray://")):
+        return  # other schemes name a Ray client module (e.g. anyscale://), which resolves them itself
     host, colon, port = address.removeprefix("ray://").rpartition(":")
-    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not colon or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise FlowerxError(f"--ray: a cluster address is HOST:PORT, ray://HOST:PORT or auto, not {address!r}")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()

@@ -36,16 +36,16 @@ PROVIDERS: dict[str, list] = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "openvino": [(OPENVINO, {"device_type": "CPU"}), "CPUExecutionProvider"],
-    # reduced precision, opt-in: bf16 where the CPU has it (AMX, AVX512-BF16); measure its accuracy first
+    # reduced precision, opt-in: bf16 where the CPU has it (AMX, AVX512-BF16, AVX2-VNNI-2); measure its accuracy first
     "openvino-bf16": [(OPENVINO, {"device_type": "CPU", "load_config": _BF16}), "CPUExecutionProvider"],
 }
 
 
 @functools.cache
 def openvino_has_bf16() -> bool | None:
-    """Whether OpenVINO runs bf16 natively on this CPU (AMX, AVX512-BF16), as its own CPU plugin says through the
-    C library onnxruntime-openvino ships; None when that cannot be asked. Elsewhere the bf16 hint is ignored
-    and OpenVINO runs fp32 (measured on an AVX2-only CPU: the same probabilities as fp32, to 1e-7)."""
+    """Whether OpenVINO runs bf16 natively on this CPU (AMX, AVX512-BF16, AVX2-VNNI-2), as its own CPU plugin
+    says through the C library onnxruntime-openvino ships; None when that cannot be asked. Elsewhere the bf16
+    hint is ignored and OpenVINO runs fp32 (measured on an AVX2-only CPU: fp32's probabilities, to 3e-6)."""
     import ctypes
     import glob
 
@@ -58,9 +58,10 @@ def openvino_has_bf16() -> bool | None:
         try:
             if lib.ov_core_get_property(core, b"CPU", b"OPTIMIZATION_CAPABILITIES", ctypes.byref(value)) != 0:
                 return None
-            capabilities = (value.value or b"").decode().split()
-            lib.ov_free(value)
-            return "BF16" in capabilities
+            try:
+                return "BF16" in (value.value or b"").decode(errors="replace").split()
+            finally:
+                lib.ov_free(value)
         finally:
             lib.ov_core_free(core)
     except (IndexError, OSError, AttributeError):  # no such library, or not the C API it should be

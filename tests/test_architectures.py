@@ -94,3 +94,34 @@ def test_download_offline_says_so(tmp_path, monkeypatch):
     with pytest.raises(FlowerxError, match=r"cannot download https://example.invalid/w.h5 \(offline\? no network\)"):
         fileio.download("https://example.invalid/w.h5", tmp_path / "w.h5")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_download_names_the_server_answer_and_a_full_disk(tmp_path, monkeypatch):
+    import errno
+
+    def not_found(url, timeout):
+        raise urllib.error.HTTPError(url, 404, "Not Found", {}, None)
+
+    monkeypatch.setattr(urllib.request, "urlopen", not_found)
+    with pytest.raises(FlowerxError, match="the server answered 404 Not Found") as e:
+        fileio.download("https://example.invalid/w.h5", tmp_path / "w.h5")
+    assert "offline" not in str(e.value)
+
+    class BadLength(io.BytesIO):
+        headers = {"Content-Length": "lots"}
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: BadLength(b"weights"))
+    assert fileio.download("https://example.invalid/w.h5", tmp_path / "w.h5").read_bytes() == b"weights"
+    (tmp_path / "w.h5").unlink()
+
+    real_fdopen = fileio.os.fdopen
+
+    class Full(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fileio.os, "fdopen", lambda fd, mode: Full(fd, "wb"))
+    with pytest.raises(FlowerxError, match=r"cannot write .*w.h5: No space left on device"):
+        fileio.download("https://example.invalid/w.h5", tmp_path / "w.h5")
+    monkeypatch.setattr(fileio.os, "fdopen", real_fdopen)
+    assert list(tmp_path.iterdir()) == []  # no partial file left

@@ -1060,10 +1060,10 @@ def test_a_ray_address_nothing_answers_at_is_one_line_at_once(tmp_path):
         port = s.getsockname()[1]
     with pytest.raises(FlowerxError, match=f"nothing answers at 127.0.0.1:{port} \\(Connection refused\\)"):
         check_reachable(f"127.0.0.1:{port}")
-    for bad in ("127.0.0.1", "host:port", ":6379", "h:70000"):
+    for bad in ("127.0.0.1", "host:port", ":6379", "h:70000", "h:\u00b2"):
         with pytest.raises(FlowerxError, match="a cluster address is HOST:PORT"):
             check_reachable(bad)
-    for resolved_by_ray in (None, "", "auto", "local"):
+    for resolved_by_ray in (None, "", "auto", "local", "anyscale://cluster"):
         check_reachable(resolved_by_ray)
     with socket.create_server(("127.0.0.1", 0)) as server:  # something answers: Ray's turn
         check_reachable(f"ray://127.0.0.1:{server.getsockname()[1]}")
