@@ -32,15 +32,22 @@ SEEDS = (0, 1, 2)
 class Variant:
     name: str
     size: int  # input side, pixels
-    layers: tuple[str, ...]  # average-pooled and joined (z-scored on the training split when more than one)
+    layers: tuple[str, ...]  # average-pooled and joined
     mirror: bool = False  # the mean of the photo's features and its mirror image's
+    standardize: bool = False  # each value z-scored on the training split (joined layers have other scales)
     cost: float = 1.0  # forward passes of the 224-pixel network per image
 
 
 VARIANTS = (
     Variant("the last block, 224 px (flowerx's bottleneck)", 224, (LAST,)),
     Variant("the last block, 288 px", 288, (LAST,), cost=(288 / 224) ** 2),
-    Variant("blocks 11, 12 and 13 joined, 224 px", 224, ("conv_pw_11_relu", "conv_pw_12_relu", LAST)),
+    Variant("the last block, z-scored, 224 px (a control for the next row)", 224, (LAST,), standardize=True),
+    Variant(
+        "blocks 11, 12 and 13 joined, z-scored, 224 px",
+        224,
+        ("conv_pw_11_relu", "conv_pw_12_relu", LAST),
+        standardize=True,
+    ),
     Variant("the last block, photo and mirror averaged, 224 px", 224, (LAST,), mirror=True, cost=2.0),
 )
 
@@ -72,11 +79,11 @@ def pooled_features(items: list, weights: Path, size: int, layers: set[str], mir
 
 
 def design(variant: Variant, features: dict, train: np.ndarray) -> np.ndarray:
-    """The head's input for a variant: pooled layers, joined and z-scored where there are several."""
+    """The head's input for a variant: pooled layers, joined, z-scored where the variant says so."""
     views = (False, True) if variant.mirror else (False,)
     blocks = [np.mean([features[variant.size, layer, m] for m in views], axis=0) for layer in variant.layers]
     x = np.concatenate(blocks, axis=1).astype(np.float32)
-    if len(blocks) > 1:  # layers of different scales: the head's plain SGD needs them comparable
+    if variant.standardize:
         x = (x - x[train].mean(0)) / (x[train].std(0) + 1e-3)
     return x
 

@@ -133,9 +133,9 @@ def test_frozen_features_table_gives_each_variant_against_flowerx_bottleneck():
         (224, name, m): np.full((4, 2), 10.0 * k + m, np.float32) for k, name in enumerate(layers) for m in (0, 1)
     }
     features[224, "conv_pw_13_relu", False][0] = 0.0
-    mirrored = design(VARIANTS[3], features, np.arange(4))
+    mirrored = design(VARIANTS[4], features, np.arange(4))
     assert mirrored.shape == (4, 2) and mirrored[1, 0] == 20.5 and mirrored[0, 0] == 10.5
-    joined = design(VARIANTS[2], features, np.arange(4))
+    joined = design(VARIANTS[3], features, np.arange(4))
     assert joined.shape == (4, 6) and abs(joined[:, 4:].mean()) < 1e-5 and joined[:, :4].max() == 0
 
 
