@@ -49,8 +49,11 @@ def ray_session(address: str | None):
         raise FlowerxError('--ray needs Ray: pip install "flowerx[ray]"') from None
     started = not ray.is_initialized()
     if started:
+        # No address: RAY_ADDRESS, as Ray reads it, else a new local instance, never a cluster Ray's state files
+        # name (one that is gone, e.g. after a `ray start` that was killed, would be retried for minutes).
+        address = address or os.environ.get("RAY_ADDRESS") or "local"
         check_reachable(address)
-        ray.init(address=address or None, logging_level="ERROR", log_to_driver=False, include_dashboard=False)
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False, include_dashboard=False)
     quiet = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("ray.data")]
     levels = [log.level for log in quiet]
     for log in quiet:
