@@ -903,10 +903,6 @@ def main(argv: list[str] | None = None) -> int:
     # flowerx refuses oversized images itself, with one line per file; PIL's own warning would repeat it.
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     try:
-        if args.command not in ("download-flowers", "export"):  # the commands that read images
-            from .data import max_image_bytes
-
-            max_image_bytes()  # a bad FLOWERX_MAX_IMAGE_MB is one error up front, not one per image
         return COMMANDS[args.command](args)
     except FlowerxError as e:
         say(err, f"error: {e}")

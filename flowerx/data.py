@@ -288,6 +288,7 @@ def open_image(source: ImageSource, min_size: int | None = None, max_bytes: int 
         name = str(source)
     else:
         name = type(source).__name__
+    limit = max_bytes or (max_image_bytes() if isinstance(source, Path) else None)  # a bad setting is not this image's
     try:
         if isinstance(source, np.ndarray):
             return _from_array(source)
@@ -296,9 +297,7 @@ def open_image(source: ImageSource, min_size: int | None = None, max_bytes: int 
                 source.load()
             image = source
         elif isinstance(source, (bytes, bytearray, memoryview, Path)):
-            data = (
-                bytes(source) if not isinstance(source, Path) else read_regular(source, max_bytes or max_image_bytes())
-            )
+            data = bytes(source) if not isinstance(source, Path) else read_regular(source, limit)
             if not data:
                 raise ImageError(name, "empty file")
             image = Image.open(io.BytesIO(data))

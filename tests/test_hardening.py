@@ -284,6 +284,9 @@ def test_a_bad_image_size_limit_is_one_error_up_front(tmp_path, monkeypatch):
     with pytest.raises(FlowerxError, match="FLOWERX_MAX_IMAGE_MB must be a number of MiB, not 'lots'"):
         Predictor(model)
     assert Predictor(model, max_image_bytes=1 << 20).predict(images[0])  # a limit given in code needs no variable
+    with pytest.raises(FlowerxError, match="FLOWERX_MAX_IMAGE_MB") as e:  # the setting's error, not the image's
+        prepare_image(images[0], 8)
+    assert not isinstance(e.value, ImageError)
     result = run_cli("classify", "--graph", str(model), *map(str, images))
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == "error: FLOWERX_MAX_IMAGE_MB must be a number of MiB, not 'lots'\n"
