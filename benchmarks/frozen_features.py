@@ -52,21 +52,22 @@ VARIANTS = (
 )
 
 
-def pooled_features(items: list, weights: Path, size: int, layers: set[str], mirror: bool) -> dict:
-    """{(layer, mirrored): [N, C] average-pooled activations} of the ImageNet network at size x size."""
+def pooled_features(items: list, base, size: int, layers: set[str], mirror: bool) -> dict:
+    """{(layer, mirrored): [N, C] average-pooled activations} of base (flowerx.backbone.build_base, any size)
+    at size x size."""
+    from flowerx.architectures import get_architecture
     from flowerx.backbone import keras, tf
     from flowerx.data import prepare_image
 
+    arch = get_architecture(ARCHITECTURE)
     with ThreadPoolExecutor() as pool:
         images = np.stack(list(pool.map(lambda item: prepare_image(item.path, size), items)))
-    base = keras.applications.MobileNet(input_shape=(size, size, 3), include_top=False, weights=None)
-    base.load_weights(str(weights))
     names = sorted(layers)
     net = keras.Model(base.input, [base.get_layer(n).output for n in names])
 
     @tf.function
     def run(batch):
-        out = net(tf.cast(batch, tf.float32) / 127.5 - 1.0, training=False)
+        out = net((tf.cast(batch, tf.float32) - arch.mean) / arch.std, training=False)
         return [tf.reduce_mean(a, axis=[1, 2]) for a in (out if isinstance(out, list) else [out])]
 
     features = {}
@@ -90,20 +91,24 @@ def design(variant: Variant, features: dict, train: np.ndarray) -> np.ndarray:
 
 def measure(shared: Path) -> list[dict]:
     from flowerx.architectures import get_architecture
+    from flowerx.backbone import build_base
     from flowerx.data import discover, split_names
     from flowerx.head import HeadConfig, accuracy_of, train_head
+    from flowerx.train import TrainConfig
 
     dataset = discover(shared / "flower_photos")
-    names = split_names(dataset.items, 10.0, 10.0)
+    defaults = TrainConfig()  # flowerx train's split
+    names = split_names(dataset.items, defaults.validation_percentage, defaults.testing_percentage)
     splits = {s: np.flatnonzero(names == s) for s in ("train", "validation", "test")}
     y = np.array([item.label for item in dataset.items])
-    weights = shared / "models" / get_architecture(ARCHITECTURE).weights_file
+    arch = get_architecture(ARCHITECTURE)
+    base = build_base(arch, shared / "models" / arch.weights_file, any_size=True)  # one network for every size
     features: dict = {}
     for size in sorted({v.size for v in VARIANTS}):
         wanted = [v for v in VARIANTS if v.size == size]
         layers = {layer for v in wanted for layer in v.layers}
         start = time.perf_counter()
-        found = pooled_features(dataset.items, weights, size, layers, any(v.mirror for v in wanted))
+        found = pooled_features(dataset.items, base, size, layers, any(v.mirror for v in wanted))
         features.update({(size, *key): value for key, value in found.items()})
         print(f"{size} px: features of {len(y)} photos in {time.perf_counter() - start:.0f} s", flush=True)
     rows = []
